@@ -1,0 +1,164 @@
+"""Which implementation runs a call: ``"triton"``, ``"interpret"`` or ``"torch"``.
+
+* ``triton``    -- the Triton kernels, compiled for the GPU; needs CUDA tensors.
+* ``interpret`` -- the same Triton kernels executed by Triton's CPU interpreter
+  (``TRITON_INTERPRET=1``). Slow, but it proves the kernels on a machine without a GPU.
+* ``torch``     -- the pure-PyTorch reference path; always available.
+
+The choice comes from, in order: the innermost :func:`use` context, the environment variable
+``FASTDL_BACKEND`` (``auto`` by default), and, for ``auto``, the tensor itself::
+
+    CUDA tensor, Triton importable, kernels compiled   -> "triton"
+    Triton's interpreter active (TRITON_INTERPRET=1)   -> "interpret"
+    otherwise                                          -> "torch"
+
+Triton decides between compiling and interpreting when a kernel is *defined*, i.e. when
+``fastdl.kernels`` is first imported, so one process runs the kernels one way only. fastdl imports
+its kernels lazily, at the first call that needs them; ``FASTDL_BACKEND=interpret`` (or
+``use("interpret")`` before any kernel ran) sets ``TRITON_INTERPRET=1`` while that is still
+possible. Forcing a backend that cannot run a call raises :class:`BackendError` naming the reason;
+fastdl never falls back silently from a forced backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("triton", "interpret", "torch")
+_CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "FASTDL_BACKEND"
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdl_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run this call (the message says why)."""
+
+
+def _check_choice(name: str, where: str) -> str:
+    name = name.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"{where} must be one of {', '.join(_CHOICES)}; got {name!r}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for: the innermost ``use(...)``, else ``FASTDL_BACKEND``, else ``auto``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_choice(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is absent on macOS and Windows)."""
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is not None
+    return importlib.util.find_spec("triton") is not None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def interpreter_active() -> bool:
+    """True when fastdl's Triton kernels are (or, once imported, will be) interpreted on the CPU."""
+    utils = sys.modules.get("fastdl.kernels.utils")
+    if utils is not None:  # kernels already defined: their mode is fixed for this process
+        return utils.INTERPRET
+    return _env_true("TRITON_INTERPRET")
+
+
+def _enable_interpreter() -> None:
+    """Turn the interpreter on if nothing has fixed Triton's mode yet."""
+    if interpreter_active() or not triton_available():
+        return
+    if "triton" in sys.modules or "fastdl.kernels.utils" in sys.modules:
+        return  # too late: kernels would already be compiled-mode JIT functions
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _why_not(name: str, tensor: torch.Tensor) -> str | None:
+    """Why backend ``name`` cannot run on ``tensor`` (None when it can)."""
+    if name == "torch":
+        return None
+    if not triton_available():
+        return "Triton is not installed (pip install triton; Linux only)"
+    if name == "triton":
+        if tensor.device.type != "cuda":
+            return f"it needs CUDA tensors and the input is on {tensor.device}"
+        if interpreter_active():
+            return "TRITON_INTERPRET=1 is set, so the kernels are interpreted, not compiled"
+        return None
+    # interpret
+    if not interpreter_active():
+        return ("Triton was imported before TRITON_INTERPRET=1 was set; set "
+                "FASTDL_BACKEND=interpret or TRITON_INTERPRET=1 before importing triton")
+    return None
+
+
+def resolve(tensor: torch.Tensor) -> str:
+    """The backend a fastdl call on ``tensor`` will use.
+
+    Raises :class:`BackendError` if a forced backend (``triton`` or ``interpret``) cannot run on
+    this tensor.
+    """
+    name = requested()
+    if name == "auto":
+        if triton_available() and interpreter_active():
+            return "interpret"
+        if _why_not("triton", tensor) is None:
+            return "triton"
+        return "torch"
+    if name == "interpret":
+        _enable_interpreter()
+    reason = _why_not(name, tensor)
+    if reason is not None:
+        raise BackendError(f"fastdl backend {name!r} is forced but cannot run: {reason}")
+    return name
+
+
+def select(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
+    """The backend for one call of ``op``, given why its kernel cannot take this call, if it can't.
+
+    ``unsupported`` is the op's own reason (an unsupported dtype, head dim, option...). Under
+    ``auto`` such a call takes the torch path; under a forced kernel backend it raises.
+    """
+    name = resolve(tensor)
+    if name == "torch" or unsupported is None:
+        return name
+    if requested() == "auto":
+        return "torch"
+    raise BackendError(f"{op}: the {name!r} backend is forced but its kernel cannot run this call: "
+                       f"{unsupported}")
+
+
+def kernels(family: str):
+    """The launcher module ``fastdl.kernels.<family>``, imported on first use (needs Triton)."""
+    return importlib.import_module(f"fastdl.kernels.{family}")
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the enclosed fastdl calls on backend ``name`` (``auto``, ``triton``, ``interpret``,
+    ``torch``), whatever ``FASTDL_BACKEND`` says. Contexts nest; each thread/task has its own."""
+    name = _check_choice(name, "fastdl.backend.use(name)")
+    if name == "interpret":
+        _enable_interpreter()
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+# FASTDL_BACKEND=interpret must reach Triton before it is imported anywhere.
+if os.environ.get(ENV_VAR, "").strip().lower() == "interpret":
+    _enable_interpreter()

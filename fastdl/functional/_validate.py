@@ -1,0 +1,39 @@
+"""Argument checks shared by the functional API: clear errors that name the bad argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_floating(name: str, tensor: torch.Tensor | None) -> None:
+    """TypeError unless ``tensor`` (if given) is a floating-point tensor."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+
+
+def check_same_device(reference: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """ValueError unless every given tensor sits on the device of ``tensors[reference]``."""
+    device = tensors[reference].device
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {reference} is on {device}; "
+                             "move them to the same device")
+
+
+def check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """ValueError unless ``tensor`` (if given) has exactly ``shape``."""
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def as_shape(name: str, shape) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple, else TypeError naming ``name``."""
+    if isinstance(shape, int):
+        return (shape,)
+    if isinstance(shape, (torch.Size, tuple, list)) and all(isinstance(s, int) for s in shape):
+        return tuple(shape)
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")

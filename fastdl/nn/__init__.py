@@ -1,0 +1,8 @@
+"""Drop-in replacements for ``torch.nn`` modules: same constructors, parameters and state_dict."""
+
+from .normalization import LayerNorm, RMSNorm
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+]

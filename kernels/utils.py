@@ -1,0 +1,114 @@
+"""Helpers shared by every kernel family: launch sizing, autotuning, contiguity, dtypes.
+
+``INTERPRET`` records whether Triton's CPU interpreter was on when the kernels were defined (Triton
+fixes that per kernel at decoration time), so :mod:`fastdl.backend` can tell which mode runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+# Largest row a norm-style kernel keeps in registers in one block; longer rows are looped over.
+MAX_FUSED_ELEMENTS = 16384
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` that keeps only the first config under the interpreter.
+
+    The interpreter cannot time configurations (it has no GPU driver), so the first config in
+    each list must be a sensible default.
+    """
+    return triton.autotune(configs[:1] if INTERPRET else configs, key=key, **kwargs)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulation type: float64 for float64 inputs (so gradcheck can prove a kernel), else
+    float32 whatever the input (fp16/bf16 statistics in their own precision are useless)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def block_size(n: int, max_block: int = MAX_FUSED_ELEMENTS) -> int:
+    """The power-of-two block that covers ``n`` elements, capped at ``max_block`` (min 16)."""
+    return max(16, min(triton.next_power_of_2(max(n, 1)), max_block))
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a 1-D block: enough threads that each holds a handful of elements."""
+    if block >= 16384:
+        return 16
+    if block >= 4096:
+        return 8
+    if block >= 1024:
+        return 4
+    return 2 if block >= 256 else 1
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
+    """How many persistent programs to launch for ``work_items`` independent items.
+
+    On a GPU: a few per streaming multiprocessor; under the interpreter (programs run one after
+    another on the CPU) a handful, which keeps multi-program reductions exercised.
+    """
+    if device.type == "cuda" and not INTERPRET:
+        limit = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        limit *= per_sm
+    else:
+        limit = 4
+    return max(1, min(work_items, limit))
+
+
+def ensure_contiguous(fn):
+    """Decorator for launchers: make every tensor argument contiguous before the launch."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@triton.jit
+def _sum_partials_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[n] = sum_g PART[g, n] for one block of columns. PART: (G, N) float32/64, contiguous."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=PART.dtype.element_ty)
+    for g in range(0, G, BLOCK_G):
+        rows = g + tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < G) & col_mask[None, :]
+        acc += tl.load(PART + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0), mask=col_mask)
+
+
+def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic column sum of per-program partial results.
+
+    Kernels that reduce over many rows (weight gradients, batch statistics) write one partial
+    row per program instead of using float atomics, whose summation order -- and so result --
+    changes from run to run; this second small kernel adds the partial rows in a fixed order.
+
+    partials: (G, N) float32 or float64, contiguous. Returns (N,) in ``out_dtype``.
+    """
+    G, N = partials.shape
+    out = torch.empty(N, dtype=out_dtype, device=partials.device)
+    if N == 0:
+        return out
+    BLOCK_N = 128
+    BLOCK_G = min(32, triton.next_power_of_2(max(G, 1)))
+    _sum_partials_kernel[(triton.cdiv(N, BLOCK_N),)](partials, out, G, N, BLOCK_G=BLOCK_G,
+                                                     BLOCK_N=BLOCK_N)
+    return out
