@@ -112,3 +112,14 @@ def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
     _sum_partials_kernel[(triton.cdiv(N, BLOCK_N),)](partials, out, G, N, BLOCK_G=BLOCK_G,
                                                      BLOCK_N=BLOCK_N)
     return out
+
+
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """Keep-decisions of dropout with probability ``p`` for the elements at ``offsets``.
+
+    Counter-based (Philox via ``tl.rand``): the same (seed, offset) always gives the same
+    decision, so a backward pass regenerates the forward's mask instead of storing it. Offsets may
+    be int64 (tensors beyond 2^31 elements). Returns a boolean block shaped like ``offsets``.
+    """
+    return tl.rand(seed, offsets) >= p
