@@ -1,8 +1,10 @@
 """Drop-in replacements for ``torch.nn`` modules: same constructors, parameters and state_dict."""
 
+from .dropout import Dropout
 from .normalization import LayerNorm, RMSNorm
 
 __all__ = [
     "LayerNorm",
     "RMSNorm",
+    "Dropout",
 ]
