@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, block_size, ensure_contiguous, num_programs, num_warps_for, sum_partials
+from .dropout import keep_scale
+from .utils import (acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs, num_warps_for,
+                    sum_partials)
 
 
 @triton.jit
@@ -258,3 +260,259 @@ def rms_norm_bwd(dy, x, weight, rstd):
     """Gradients of :func:`rms_norm_fwd`: dx (M, N) and dweight (N,) or None."""
     dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, has_bias=False, is_rms=True)
     return dx, dw
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused dropout + residual add + LayerNorm ("add & norm" of a Transformer block).
+#
+# Forward, one program per row of the (M, N) inputs; i is the element's flat index row * N + col,
+# so the mask is the one ``kernels.dropout`` draws for a tensor of x's shape and the same seed::
+#
+#     s   = residual + (keep(seed, i) ? x / (1 - p) : 0)      written out as pre_norm_sum
+#     out = LayerNorm(s) * w + b                              statistics as in _norm_fwd_kernel
+#
+# s is rounded to pre_norm_sum's dtype before it is normalised, so out is exactly
+# LayerNorm(pre_norm_sum) as the caller sees it. Saved for the backward: pre_norm_sum (an output),
+# mean and rstd (M,) float32 -- no mask, no x, no residual.
+#
+# Backward, with ds_out the LayerNorm backward of dout (see the module docstring) and dpre the
+# gradient arriving at pre_norm_sum from downstream (pre-norm blocks reuse it as the next residual)::
+#
+#     ds = ds_out + dpre,   dresidual = ds,   dx = keep(seed, i) ? ds / (1 - p) : 0
+#     dw = sum_rows(dout * xhat),   db = sum_rows(dout)       per-program partials + sum_partials
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_add(X, RES, offsets, mask, seed, p, scale,
+                 HAS_RES: tl.constexpr, ACC: tl.constexpr, PRE_TY: tl.constexpr):
+    """residual + dropout(x) at flat ``offsets``, rounded to pre_norm_sum's dtype, returned in ACC."""
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+    s = tl.where(dropout_keep(seed, offsets, p), x * scale, 0.0)
+    if HAS_RES:
+        s += tl.load(RES + offsets, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, s.to(PRE_TY).to(ACC), 0.0)
+
+
+@triton.jit
+def _dropout_add_norm_fwd_kernel(
+    X, RES, W, B, Y, PRE, MEAN, RSTD,  # X, RES, Y, PRE: (M, N) contiguous; W, B: (N,); MEAN, RSTD: (M,)
+    N, eps, p, scale, seed,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * N  # int64: flat offsets (and the random stream) may pass 2^31
+    PRE_TY = PRE.dtype.element_ty
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+        tl.store(PRE + base + cols, s, mask=mask)
+        # Centre on the first element before summing, as _norm_fwd_kernel does (|mean| >> std).
+        shift = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
+        xs = tl.where(mask, s - shift, 0.0)
+        m = tl.sum(xs, axis=0) / N
+        xc = tl.where(mask, xs - m, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        y = xc * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(Y + base + cols, y, mask=mask)
+    else:
+        # Long rows: s is recomputed in each pass from x, residual and the seed (cheaper than
+        # a round trip through memory, and free of read-after-write ordering questions).
+        cols = tl.arange(0, BLOCK_N)
+        first = _dropout_add(X, RES, base + cols, cols < N, seed, p, scale, HAS_RES, ACC, PRE_TY)
+        shift = tl.sum(tl.where(cols == 0, first, 0.0), axis=0)
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            acc += tl.where(mask, s - shift, 0.0)
+        m = tl.sum(acc, axis=0) / N
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            xc = tl.where(mask, s - shift - m, 0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            tl.store(PRE + base + cols, s, mask=mask)
+            y = (s - shift - m) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(Y + base + cols, y, mask=mask)
+    tl.store(MEAN + row, shift + m)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _dropout_add_norm_bwd_kernel(
+    DOUT, DPRE, PRE, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART,  # (M, N) contiguous; parts (G, N)
+    M, N, rows_per_program, p, scale, seed,
+    HAS_DPRE: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    num_rows = tl.minimum(rows_per_program, M - row_start)
+    DW_PART += pid.to(tl.int64) * N
+    DB_PART += pid.to(tl.int64) * N
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        dw = tl.zeros([BLOCK_N], dtype=ACC)
+        db = tl.zeros([BLOCK_N], dtype=ACC)
+        for i in range(0, num_rows):
+            offsets = (row_start + i) * N + cols
+            s = tl.load(PRE + offsets, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
+            rstd = tl.load(RSTD + row_start + i)
+            # The stored mean is rounded to float32; re-centre on it exactly (see _norm_bwd_kernel).
+            xs = tl.where(mask, s - tl.load(MEAN + row_start + i), 0.0)
+            xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
+            g = dy * w if HAS_W else dy
+            ds = (g - xhat * (tl.sum(xhat * g, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
+            if HAS_DPRE:
+                ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
+            if HAS_DRES:
+                tl.store(DRES + offsets, ds, mask=mask)
+            tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, 0.0), mask=mask)
+            if HAS_W:
+                dw += dy * xhat
+            if HAS_B:
+                db += dy
+        if HAS_W:
+            tl.store(DW_PART + cols, dw, mask=mask)
+        if HAS_B:
+            tl.store(DB_PART + cols, db, mask=mask)
+    else:
+        # Long rows: one pass for the row sums, one for the gradients (as _norm_bwd_kernel).
+        for i in range(0, num_rows):
+            row = row_start + i
+            rstd = tl.load(RSTD + row)
+            mean = tl.load(MEAN + row)
+            sum_gxs = tl.zeros([BLOCK_N], dtype=ACC)
+            sum_g = tl.zeros([BLOCK_N], dtype=ACC)
+            sum_xs = tl.zeros([BLOCK_N], dtype=ACC)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                s = tl.load(PRE + row * N + cols, mask=mask, other=0.0).to(ACC)
+                xs = tl.where(mask, s - mean, 0.0)
+                g = tl.load(DOUT + row * N + cols, mask=mask, other=0.0).to(ACC)
+                if HAS_W:
+                    g = g * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                sum_gxs += xs * g
+                sum_g += g
+                sum_xs += xs
+            centre = tl.sum(sum_xs, axis=0) / N
+            total_g = tl.sum(sum_g, axis=0)
+            c1 = (tl.sum(sum_gxs, axis=0) - centre * total_g) * rstd / N
+            c2 = total_g / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                offsets = row * N + cols
+                s = tl.load(PRE + offsets, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
+                xhat = (s - mean - centre) * rstd
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                else:
+                    g = dy
+                ds = (g - xhat * c1 - c2) * rstd
+                if HAS_DPRE:
+                    ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
+                if HAS_DRES:
+                    tl.store(DRES + offsets, ds, mask=mask)
+                tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, 0.0),
+                         mask=mask)
+                # Private partial rows (zero-initialised by the launcher): read-modify-write is safe.
+                if HAS_W:
+                    part = tl.load(DW_PART + cols, mask=mask, other=0.0)
+                    tl.store(DW_PART + cols, part + dy * xhat, mask=mask)
+                if HAS_B:
+                    part = tl.load(DB_PART + cols, mask=mask, other=0.0)
+                    tl.store(DB_PART + cols, part + dy, mask=mask)
+
+
+@ensure_contiguous
+def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, seed: int):
+    """out = LayerNorm(residual + dropout(x)) over the last dim, and the pre-norm sum.
+
+    x: (M, N) fp16/bf16/fp32/fp64; residual: (M, N) any float dtype, or None (zero);
+    weight, bias: (N,) or None; the mask is ``kernels.dropout.keep_mask(x.shape, p, seed)``.
+    Returns out, pre_norm_sum (M, N) in the promoted dtype of x and residual, and mean, rstd (M,)
+    in float32 (float64 for float64 inputs).
+    """
+    M, N = x.shape
+    pre_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty((M, N), dtype=pre_dtype, device=x.device)
+    pre = torch.empty((M, N), dtype=pre_dtype, device=x.device)
+    stats = torch.float64 if pre_dtype == torch.float64 else torch.float32
+    mean = torch.empty(M, dtype=stats, device=x.device)
+    rstd = torch.empty(M, dtype=stats, device=x.device)
+    if M == 0 or N == 0:
+        return out, pre, mean, rstd
+    BLOCK_N = block_size(N)
+    _dropout_add_norm_fwd_kernel[(M,)](
+        x, residual if residual is not None else x, weight if weight is not None else x,
+        bias if bias is not None else x, out, pre, mean, rstd,
+        N, eps, float(p), keep_scale(p), int(seed),
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACC=acc_dtype(pre_dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
+        num_warps=num_warps_for(BLOCK_N),
+    )
+    return out, pre, mean, rstd
+
+
+@ensure_contiguous
+def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, seed: int,
+                               x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+                               bias_dtype: torch.dtype | None):
+    """Gradients of :func:`dropout_add_layer_norm_fwd`.
+
+    dout: (M, N) gradient of out; dpre: (M, N) gradient of pre_norm_sum, or None; pre, mean, rstd
+    from the forward. Returns dx (M, N) in ``x_dtype``; dresidual (M, N) in ``residual_dtype``, or
+    None when that is None; dweight (N,) in the weight's dtype and dbias (N,) in ``bias_dtype``, each
+    None when there is no weight / bias.
+    """
+    M, N = pre.shape
+    has_w = weight is not None
+    has_res = residual_dtype is not None
+    has_bias = bias_dtype is not None
+    dx = torch.empty((M, N), dtype=x_dtype, device=pre.device)
+    dres = torch.empty((M, N), dtype=residual_dtype, device=pre.device) if has_res else None
+    programs = num_programs(pre.device, M)
+    rows_per_program = triton.cdiv(M, programs) if M else 0
+    programs = triton.cdiv(M, rows_per_program) if M else 0
+    part_shape = (programs, N)
+    dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=pre.device)
+    db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
+    if M > 0 and N > 0:
+        BLOCK_N = block_size(N)
+        _dropout_add_norm_bwd_kernel[(programs,)](
+            dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
+            dx, dres if has_res else dx, dw_part, db_part,
+            M, N, rows_per_program, float(p), keep_scale(p), int(seed),
+            HAS_DPRE=dpre is not None, HAS_DRES=has_res, HAS_W=has_w, HAS_B=has_bias,
+            ACC=acc_dtype(pre.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
+            num_warps=num_warps_for(BLOCK_N),
+        )
+    dw = sum_partials(dw_part, weight.dtype) if has_w else None
+    db = sum_partials(db_part, bias_dtype) if has_bias else None
+    return dx, dres, dw, db

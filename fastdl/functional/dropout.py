@@ -103,9 +103,9 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         ctx.save_for_backward(pre, weight, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         ctx.p, ctx.seed = p, seed
-        ctx.x_dtype = x.dtype
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(x.shape), pre.view(x.shape)
 
     @staticmethod
@@ -116,8 +116,8 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
             dout = torch.zeros_like(pre)
         dx, dres, dw, db = backend.kernels("layer_norm").dropout_add_layer_norm_bwd(
             dout.reshape(pre.shape), None if dpre is None else dpre.reshape(pre.shape), pre, weight,
-            mean, rstd, ctx.p, ctx.seed, ctx.x_dtype, ctx.residual_dtype, ctx.has_bias)
-        shape = dout.shape
+            mean, rstd, ctx.p, ctx.seed, ctx.x_dtype, ctx.residual_dtype, ctx.bias_dtype)
+        shape = ctx.shape
         return (dx.view(shape), None if dres is None else dres.view(shape), dw, db, None, None, None)
 
 
@@ -136,8 +136,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
     """
     p = _check_p(p)
     _check_add_norm_args(x, residual, weight, bias)
-    unsupported = "the fused kernel is not built yet"
-    if backend.select("dropout_add_layer_norm", x, unsupported=unsupported) == "torch":
+    if backend.select("dropout_add_layer_norm", x) == "torch":
         pre = F.dropout(x, p, training)
         if residual is not None:
             pre = residual + pre
