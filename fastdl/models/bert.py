@@ -1,0 +1,392 @@
+"""BERT (Devlin et al., 2019) on fastdl's kernels, weight-compatible with Hugging Face.
+
+Data flow of one forward, with the fastdl op each step runs on::
+
+    input_ids, token_type_ids, positions
+      -> word + position + token-type embeddings, LayerNorm, dropout   F.bert_embeddings (one pass)
+      -> N x encoder layer:
+           q, k, v = three Linear                                      (B, H, S, D) each
+           a = attention(q, k, v, key-padding mask)                    F.scaled_dot_product_attention
+           h = LayerNorm(x + dropout(dense(a)))                        F.dropout_add_layer_norm
+           x = LayerNorm(h + dropout(dense(act(dense(h)))))            F.dropout_add_layer_norm
+      -> pooler: tanh(dense(x[:, 0]))
+
+``attention_mask`` (B, S) with 1 for tokens and 0 for padding becomes a (B, 1, 1, S) boolean
+key-padding mask that the attention kernel broadcasts; no (S, S) mask is built. Padded query
+rows are computed like the others (they attend to the real tokens) and are meaningless, as in
+Hugging Face. Module and parameter names follow Hugging Face's checkpoints, so
+``from_pretrained`` maps keys one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as TF
+
+from .. import functional as F
+from .. import nn as fnn
+from ._common import (
+    BaseModelOutputWithPooling,
+    ClassifierOutput,
+    MaskedLMOutput,
+    PreTrainingOutput,
+    activation,
+    classification_loss,
+    init_weights,
+    key_padding_mask,
+    merge_heads,
+    split_heads,
+)
+from ._hf import PretrainedConfig, PretrainedModel, _positive, _probability, rename_legacy_layer_norm
+
+__all__ = [
+    "BertConfig",
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+]
+
+
+@dataclasses.dataclass
+class BertConfig(PretrainedConfig):
+    """BERT hyper-parameters under Hugging Face's names; defaults are bert-base-uncased."""
+
+    model_type = "bert"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    problem_type: str | None = None
+    tie_word_embeddings: bool = True
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
+        _probability(self, "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+        activation(self.hidden_act)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported "
+                             "(only 'absolute')")
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+class BertEmbeddings(torch.nn.Module):
+    """word + position + token-type embeddings, LayerNorm, dropout: one fused op."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = fnn.Embedding(config.vocab_size, config.hidden_size,
+                                             padding_idx=config.pad_token_id)
+        self.position_embeddings = fnn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = fnn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = fnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = fnn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        if seq > self.position_embeddings.num_embeddings:
+            raise ValueError(f"input_ids has {seq} positions; the model has "
+                             f"{self.position_embeddings.num_embeddings} (max_position_embeddings)")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return F.bert_embeddings(input_ids, token_type_ids, position_ids, self.word_embeddings.weight,
+                                 self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                 self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                 self.dropout.p, self.training)
+
+
+class BertSelfAttention(torch.nn.Module):
+    """Multi-head self-attention projections and the fused attention kernel."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.query = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        return merge_heads(out)
+
+
+class BertAddNorm(torch.nn.Module):
+    """dense -> dropout -> add the residual -> LayerNorm (HF's BertSelfOutput / BertOutput)."""
+
+    def __init__(self, in_features: int, config: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = fnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = fnn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out, _ = F.dropout_add_layer_norm(self.dense(x), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                                          self.dropout.p, self.LayerNorm.eps, self.training)
+        return out
+
+
+class BertAttention(torch.nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertAddNorm(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(torch.nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(torch.nn.Module):
+    """Post-norm Transformer encoder layer."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertAddNorm(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.attention(x, mask)
+        return self.output(self.intermediate(h), h)
+
+
+class BertEncoder(torch.nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = torch.nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(torch.nn.Module):
+    """tanh(dense(hidden state of the first token))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class BertPredictionHeadTransform(torch.nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+        self.LayerNorm = fnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(torch.nn.Module):
+    """transform, then logits against the word embeddings (tied, as BERT was trained) plus a
+    per-token bias. With ``tie_word_embeddings=False`` the decoder has its own weight."""
+
+    def __init__(self, config: BertConfig, word_embeddings: torch.nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))
+        if config.tie_word_embeddings:
+            self.decoder = None
+            # A plain attribute, not a submodule: the weight belongs to the embeddings.
+            self.__dict__["_word_embeddings"] = word_embeddings
+        else:
+            self.decoder = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.decoder.weight if self.decoder is not None else self._word_embeddings.weight
+        return TF.linear(self.transform(x), weight, self.bias)
+
+
+class BertOnlyMLMHead(torch.nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: torch.nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+class BertPreTrainingHeads(torch.nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: torch.nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+        self.seq_relationship = torch.nn.Linear(config.hidden_size, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class BertPreTrainedModel(PretrainedModel):
+    config_class = BertConfig
+    base_model_prefix = "bert"
+
+    def _init(self) -> None:
+        init_weights(self, self.config.initializer_range)
+        for m in self.modules():
+            if isinstance(m, BertLMPredictionHead):
+                torch.nn.init.zeros_(m.bias)
+
+    def _hf_key(self, key: str) -> str | None:
+        key = rename_legacy_layer_norm(key)
+        if key.endswith("embeddings.position_ids") or key.endswith("embeddings.token_type_ids"):
+            return None  # buffers derived from the config
+        if key.endswith("predictions.decoder.bias"):
+            return None  # the same tensor as predictions.bias
+        if key.endswith("predictions.decoder.weight") and self.config.tie_word_embeddings:
+            return None  # the word embeddings
+        return key
+
+
+def _check_input_ids(input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
+        raise TypeError("input_ids must be an int64 or int32 tensor")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}")
+
+
+class BertModel(BertPreTrainedModel):
+    """Embeddings, encoder and (optionally) the tanh pooler.
+
+    forward(input_ids (B, S), attention_mask (B, S) 1/0, token_type_ids (B, S), position_ids (B, S))
+    -> ``last_hidden_state`` (B, S, hidden), ``pooler_output`` (B, hidden) or None.
+    """
+
+    is_backbone = True
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self._init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        _check_input_ids(input_ids)
+        batch, seq = input_ids.shape
+        mask = key_padding_mask(attention_mask, batch, seq, input_ids.device)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.encoder(x, mask)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """BERT with the masked-language-model head. ``labels`` (B, S), -100 where not scored."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
+        self._init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MaskedLMOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        logits = self.cls(hidden)
+        loss = None
+        if labels is not None:
+            loss = TF.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """BERT with the masked-LM and next-sentence heads; ``loss`` = MLM + NSP cross-entropy when
+    both ``labels`` (B, S) and ``next_sentence_label`` (B,) are given, as Hugging Face."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self._init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None) -> PreTrainingOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        prediction_logits = self.cls.predictions(out.last_hidden_state)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = (TF.cross_entropy(prediction_logits.view(-1, self.config.vocab_size), labels.view(-1))
+                    + TF.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1)))
+        return PreTrainingOutput(loss=loss, prediction_logits=prediction_logits,
+                                 seq_relationship_logits=nsp_logits)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """BERT with dropout + Linear on the pooled output. ``labels``: (B,) class ids, or floats for
+    regression (num_labels == 1) and multi-label (B, num_labels), as Hugging Face."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = fnn.Dropout(p)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self._init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ClassifierOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        return ClassifierOutput(loss=loss, logits=logits)
+
