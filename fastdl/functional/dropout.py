@@ -112,11 +112,14 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dpre):
         pre, weight, mean, rstd = ctx.saved_tensors
-        if dout is None:  # only pre_norm_sum was used downstream
+        out_unused = dout is None  # only pre_norm_sum fed the loss: weight and bias get no gradient
+        if out_unused:
             dout = torch.zeros_like(pre)
         dx, dres, dw, db = backend.kernels("layer_norm").dropout_add_layer_norm_bwd(
             dout.reshape(pre.shape), None if dpre is None else dpre.reshape(pre.shape), pre, weight,
             mean, rstd, ctx.p, ctx.seed, ctx.x_dtype, ctx.residual_dtype, ctx.bias_dtype)
+        if out_unused:
+            dw = db = None
         shape = ctx.shape
         return (dx.view(shape), None if dres is None else dres.view(shape), dw, db, None, None, None)
 
