@@ -5,6 +5,7 @@ Every function picks its backend per call (see :mod:`fastdl.backend`).
 
 from .attention import scaled_dot_product_attention
 from .dropout import dropout, dropout_add_layer_norm
+from .embedding import bert_embeddings, embedding
 from .normalization import layer_norm, rms_norm
 
 __all__ = [
@@ -13,4 +14,6 @@ __all__ = [
     "rms_norm",
     "dropout",
     "dropout_add_layer_norm",
+    "embedding",
+    "bert_embeddings",
 ]

@@ -1,0 +1,141 @@
+"""Embedding lookup, and the fused BERT embedding block.
+
+``embedding`` has ``torch.nn.functional.embedding``'s signature and semantics: ``padding_idx`` (its
+row gets no gradient; negative values count from the end), ``max_norm`` / ``norm_type`` (the rows
+looked up are renormalised in place in ``weight`` before the lookup), ``scale_grad_by_freq`` (each
+row's gradient divided by how often it occurs in the batch) and ``sparse`` (a sparse COO gradient).
+
+``bert_embeddings`` computes, in one forward and one backward kernel::
+
+    out = dropout(LayerNorm(word[input_ids] + position[position_ids] + token_type[token_type_ids]))
+
+Every backend checks the indices first: an index outside ``[0, num_embeddings)`` raises IndexError
+naming it (a GPU gather would otherwise read out of bounds silently), a non-integer index tensor
+raises TypeError.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_floating, check_same_device
+
+
+def _check_weight(name: str, weight: torch.Tensor) -> None:
+    check_floating(name, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (num_embeddings, embedding_dim) tensor, "
+                         f"got shape {tuple(weight.shape)}")
+
+
+def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str) -> None:
+    """TypeError unless ``indices`` is an int32/int64 tensor; IndexError naming the first value
+    outside ``[0, num_embeddings)`` (one min/max reduction, one host sync)."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 or int32 indices, "
+                        f"got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
+    if indices.numel() == 0:
+        return
+    low, high = (v.item() for v in torch.aminmax(indices))
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise IndexError(f"{name} contains index {bad}, outside [0, {num_embeddings}) for {table} "
+                         f"with {num_embeddings} rows")
+
+
+def _padding_index(padding_idx, num_embeddings: int) -> int | None:
+    """``padding_idx`` as a row number in ``[0, num_embeddings)`` (negative counts from the end)."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx={padding_idx} must be within num_embeddings={num_embeddings} "
+                         f"(in [{-num_embeddings}, {num_embeddings}))")
+    return int(padding_idx) % num_embeddings
+
+
+def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
+              max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+              sparse: bool = False) -> torch.Tensor:
+    """Rows of ``weight`` at ``input``, as ``torch.nn.functional.embedding``.
+
+    input: int64/int32 indices of any shape (0-d and empty included); weight: (V, D)
+    fp16/bf16/fp32/fp64. Returns ``input.shape + (D,)`` in weight's dtype. With ``max_norm`` the
+    rows looked up are renormalised in place in ``weight`` first, as torch does.
+    """
+    _check_weight("weight", weight)
+    _check_indices("input", input, weight.shape[0], "weight")
+    check_same_device("weight", {"weight": weight, "input": input})
+    pad = _padding_index(padding_idx, weight.shape[0])
+    return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+
+def _bert_ids(input_ids, token_type_ids, position_ids):
+    """token_type_ids None -> zeros; position_ids None -> arange(L) over the last dim; both
+    broadcast to input_ids' shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 0:
+        raise ValueError("input_ids must be a tensor of at least one dimension, (B, L) or (L,)")
+    shape = input_ids.shape
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(shape, dtype=input_ids.dtype, device=input_ids.device)
+    if position_ids is None:
+        position_ids = torch.arange(shape[-1], dtype=input_ids.dtype, device=input_ids.device)
+    ids = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+    for name, ids_tensor in ids.items():
+        if not isinstance(ids_tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(ids_tensor).__name__}")
+        try:
+            ids[name] = ids_tensor.expand(shape)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(ids_tensor.shape)} does not broadcast to "
+                             f"input_ids' shape {tuple(shape)}") from None
+    return ids["token_type_ids"], ids["position_ids"]
+
+
+def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                    position_ids: torch.Tensor | None, word: torch.Tensor, position: torch.Tensor,
+                    token_type: torch.Tensor, ln_weight: torch.Tensor | None,
+                    ln_bias: torch.Tensor | None, eps: float, p: float, training: bool, *,
+                    padding_idx: int | None = None) -> torch.Tensor:
+    """BERT's embedding block, fused::
+
+        dropout(LayerNorm(word[input_ids] + position[position_ids] + token_type[token_type_ids]))
+
+    input_ids: int64/int32 (B, L) (any shape whose last dim is the sequence); token_type_ids:
+    broadcastable to it, or None (all zeros); position_ids: broadcastable to it, or None
+    (``arange(L)`` for every sequence, as Hugging Face BERT). word (V, D), position (P, D),
+    token_type (T, D): fp16/bf16/fp32/fp64; ln_weight, ln_bias: (D,) or None. ``padding_idx`` is
+    the word table's padding row (it gets no gradient, as ``torch.nn.Embedding(padding_idx=...)``).
+    Dropout with probability ``p`` when ``training``. Returns ``input_ids.shape + (D,)`` in the
+    promoted dtype of the three tables.
+    """
+    from .dropout import _check_p
+
+    p = _check_p(p)
+    for name, table in (("word", word), ("position", position), ("token_type", token_type)):
+        _check_weight(name, table)
+    check_floating("ln_weight", ln_weight)
+    check_floating("ln_bias", ln_bias)
+    check_same_device("word", {"word": word, "position": position, "token_type": token_type,
+                               "ln_weight": ln_weight, "ln_bias": ln_bias, "input_ids": input_ids,
+                               "token_type_ids": token_type_ids, "position_ids": position_ids})
+    dim = word.shape[1]
+    for name, t in (("position", position), ("token_type", token_type), ("ln_weight", ln_weight),
+                    ("ln_bias", ln_bias)):
+        if t is not None and t.shape[-1] != dim:
+            raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
+                             f"{tuple(t.shape)}")
+    _check_indices("input_ids", input_ids, word.shape[0], "word")
+    token_type_ids, position_ids = _bert_ids(input_ids, token_type_ids, position_ids)
+    _check_indices("token_type_ids", token_type_ids, token_type.shape[0], "token_type")
+    _check_indices("position_ids", position_ids, position.shape[0], "position")
+    pad = _padding_index(padding_idx, word.shape[0])
+    x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
+         + F.embedding(token_type_ids, token_type))
+    return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
