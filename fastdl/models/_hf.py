@@ -10,8 +10,8 @@ that *is* the word embedding, ``position_ids`` buffers).
 Loading is strict: a missing or unexpected weight inside the backbone, or a shape mismatch, raises
 ``ValueError`` listing every offending key. Two cases are not errors, as in ``transformers``:
 loading a backbone from a checkpoint that also holds task heads (the heads are ignored), and
-loading a model with a task head from a checkpoint without it (the head keeps its fresh init and
-a ``UserWarning`` names it). ``output_loading_info=True`` returns the key lists as well.
+loading a model with a task head or a pooler from a checkpoint without it (it keeps its fresh
+init and a ``UserWarning`` names it). ``output_loading_info=True`` returns the key lists as well.
 """
 
 from __future__ import annotations
@@ -222,7 +222,13 @@ class PretrainedModel(torch.nn.Module):
         ignored += dropped
 
         prefix = self.base_model_prefix + "."
-        in_backbone = lambda k: self.is_backbone or k.startswith(prefix)
+
+        def in_backbone(key: str) -> bool:
+            if not (self.is_backbone or key.startswith(prefix)):
+                return False
+            # The pooler counts as a head: many checkpoints (MLM, image classifiers) lack it.
+            return not key.removeprefix(prefix).startswith("pooler.")
+
         missing = sorted(set(ours_state) - set(renamed))
         unexpected = sorted(set(renamed) - set(ours_state))
         mismatched = sorted(k for k in set(renamed) & set(ours_state)

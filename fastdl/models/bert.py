@@ -226,7 +226,8 @@ class BertPredictionHeadTransform(torch.nn.Module):
 
 class BertLMPredictionHead(torch.nn.Module):
     """transform, then logits against the word embeddings (tied, as BERT was trained) plus a
-    per-token bias. With ``tie_word_embeddings=False`` the decoder has its own weight."""
+    per-token bias. With ``tie_word_embeddings=False`` the decoder is a Linear of its own, with
+    its own bias, as in Hugging Face (``bias`` is then unused but kept for the checkpoint)."""
 
     def __init__(self, config: BertConfig, word_embeddings: torch.nn.Embedding):
         super().__init__()
@@ -237,11 +238,12 @@ class BertLMPredictionHead(torch.nn.Module):
             # A plain attribute, not a submodule: the weight belongs to the embeddings.
             self.__dict__["_word_embeddings"] = word_embeddings
         else:
-            self.decoder = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.decoder = torch.nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.decoder.weight if self.decoder is not None else self._word_embeddings.weight
-        return TF.linear(self.transform(x), weight, self.bias)
+        if self.decoder is not None:
+            return self.decoder(self.transform(x))
+        return TF.linear(self.transform(x), self._word_embeddings.weight, self.bias)
 
 
 class BertOnlyMLMHead(torch.nn.Module):
@@ -278,10 +280,8 @@ class BertPreTrainedModel(PretrainedModel):
         key = rename_legacy_layer_norm(key)
         if key.endswith("embeddings.position_ids") or key.endswith("embeddings.token_type_ids"):
             return None  # buffers derived from the config
-        if key.endswith("predictions.decoder.bias"):
-            return None  # the same tensor as predictions.bias
-        if key.endswith("predictions.decoder.weight") and self.config.tie_word_embeddings:
-            return None  # the word embeddings
+        if self.config.tie_word_embeddings and ".predictions.decoder." in key:
+            return None  # the word embeddings, and the same tensor as predictions.bias
         return key
 
 

@@ -145,7 +145,10 @@ class ViTEmbeddings(torch.nn.Module):
                              "(pass interpolate_pos_encoding=True for other sizes)")
         x = self.patch_embeddings(pixel_values)
         x = torch.cat((self.cls_token.expand(batch, -1, -1), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x, height, width)
+        if interpolate_pos_encoding:
+            x = x + self.interpolate_pos_encoding(x, height, width)
+        else:
+            x = x + self.position_embeddings
         return self.dropout(x)
 
 
