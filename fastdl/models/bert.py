@@ -110,18 +110,15 @@ class BertEmbeddings(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seq = input_ids.shape
-        if seq > self.position_embeddings.num_embeddings:
+        seq = input_ids.shape[1]
+        if position_ids is None and seq > self.position_embeddings.num_embeddings:
             raise ValueError(f"input_ids has {seq} positions; the model has "
                              f"{self.position_embeddings.num_embeddings} (max_position_embeddings)")
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        # None position / token-type ids mean arange(S) / zeros, as Hugging Face.
         return F.bert_embeddings(input_ids, token_type_ids, position_ids, self.word_embeddings.weight,
                                  self.position_embeddings.weight, self.token_type_embeddings.weight,
                                  self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                                 self.dropout.p, self.training)
+                                 self.dropout.p, self.training, padding_idx=self.word_embeddings.padding_idx)
 
 
 class BertSelfAttention(torch.nn.Module):
