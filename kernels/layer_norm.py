@@ -284,14 +284,14 @@ def rms_norm_bwd(dy, x, weight, rstd):
 
 
 @triton.jit
-def _dropout_add(X, RES, offsets, mask, seed, p, scale,
-                 HAS_RES: tl.constexpr, ACC: tl.constexpr, PRE_TY: tl.constexpr):
-    """residual + dropout(x) at flat ``offsets``, rounded to pre_norm_sum's dtype, returned in ACC."""
+def _dropout_add(X, RES, PRE, offsets, mask, seed, p, scale, HAS_RES: tl.constexpr, ACC: tl.constexpr):
+    """residual + dropout(x) at flat ``offsets``, rounded to the dtype of pre_norm_sum (PRE),
+    returned in ACC."""
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     s = tl.where(dropout_keep(seed, offsets, p), x * scale, 0.0)
     if HAS_RES:
         s += tl.load(RES + offsets, mask=mask, other=0.0).to(ACC)
-    return tl.where(mask, s.to(PRE_TY).to(ACC), 0.0)
+    return tl.where(mask, s.to(PRE.dtype.element_ty).to(ACC), 0.0)
 
 
 @triton.jit
@@ -303,11 +303,10 @@ def _dropout_add_norm_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * N  # int64: flat offsets (and the random stream) may pass 2^31
-    PRE_TY = PRE.dtype.element_ty
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+        s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
         tl.store(PRE + base + cols, s, mask=mask)
         # Centre on the first element before summing, as _norm_fwd_kernel does (|mean| >> std).
         shift = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
@@ -325,27 +324,27 @@ def _dropout_add_norm_fwd_kernel(
         # Long rows: s is recomputed in each pass from x, residual and the seed (cheaper than
         # a round trip through memory, and free of read-after-write ordering questions).
         cols = tl.arange(0, BLOCK_N)
-        first = _dropout_add(X, RES, base + cols, cols < N, seed, p, scale, HAS_RES, ACC, PRE_TY)
+        first = _dropout_add(X, RES, PRE, base + cols, cols < N, seed, p, scale, HAS_RES, ACC)
         shift = tl.sum(tl.where(cols == 0, first, 0.0), axis=0)
         acc = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
             acc += tl.where(mask, s - shift, 0.0)
         m = tl.sum(acc, axis=0) / N
         acc = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
             xc = tl.where(mask, s - shift - m, 0.0)
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, base + cols, mask, seed, p, scale, HAS_RES, ACC, PRE_TY)
+            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
             tl.store(PRE + base + cols, s, mask=mask)
             y = (s - shift - m) * rstd
             if HAS_W:

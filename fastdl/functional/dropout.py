@@ -17,6 +17,7 @@ next residual (its gradient flows back through the same backward kernel).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -96,9 +97,9 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, p: float, eps: float, seed: int):
-        n = x.shape[-1]
+        rows = (math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, n): n may be 0
         out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
-            x.reshape(-1, n), None if residual is None else residual.reshape(-1, n), weight, bias,
+            x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
             p, eps, seed)
         ctx.save_for_backward(pre, weight, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read

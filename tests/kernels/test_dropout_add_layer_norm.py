@@ -151,7 +151,7 @@ def test_non_contiguous(backend, device):
     _check([x, r, w, None], p=0.3)
 
 
-@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16), (3, 0)])
 def test_empty(backend, device, shape):
     x, r, w, b = _inputs(shape, torch.float32, device)
     out, pre = F.dropout_add_layer_norm(x, r, w, b, 0.5)
