@@ -1,0 +1,269 @@
+"""fastdl.patch: swaps torch.nn modules for fastdl's in place (sharing the weights) and routes a
+Hugging Face model's attention through fastdl's kernel; outputs and parameter gradients stay
+those of the unpatched model (compared in float64)."""
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close
+
+import fastdl
+from fastdl.patch import hf_attention
+
+SWAPPED = {torch.nn.LayerNorm: "LayerNorm", torch.nn.RMSNorm: "RMSNorm", torch.nn.BatchNorm1d: "BatchNorm1d",
+           torch.nn.BatchNorm2d: "BatchNorm2d", torch.nn.Dropout: "Dropout", torch.nn.Embedding: "Embedding",
+           torch.nn.MultiheadAttention: "MultiheadAttention"}
+RTOL = 1e-4
+
+
+def torch_modules(model):
+    """Modules patch must swap: exactly one of the torch.nn types."""
+    return [m for m in model.modules() if type(m) in SWAPPED]
+
+
+def fastdl_modules(model):
+    classes = tuple(getattr(fastdl.nn, name) for name in SWAPPED.values())
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def noisy(model):
+    """Non-trivial LayerNorm/BatchNorm affine parameters and biases (fresh init hides swaps)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias") or p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def compare(patched, reference, run, device):
+    """Run ``run(model, device)`` -> (outputs, loss) on both; compare outputs and the gradient
+    of every parameter, the reference in float64 on the CPU."""
+    out, loss = run(patched, device)
+    ref_out, ref_loss = run(reference, "cpu")
+    for i, (a, r) in enumerate(zip(out, ref_out)):
+        assert_close(f"output {i}", a.cpu(), r, rtol=RTOL)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in patched.named_parameters():
+        ref_grad = ref_params[name].grad
+        if ref_grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        elif ref_grad.abs().max() < 1e-9:
+            # Mathematically zero (a key bias under softmax, a bias before BatchNorm): rounding only.
+            assert p.grad.abs().max() < 1e-5, name
+        else:
+            assert_close(f"grad {name}", p.grad.cpu(), ref_params[name].grad, rtol=RTOL)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts calls of fastdl.functional.scaled_dot_product_attention."""
+    calls = []
+    real = fastdl.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# A plain torch model
+# ---------------------------------------------------------------------------------------------
+
+class TokenNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(50, 16, padding_idx=0)
+        self.attention = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = torch.nn.LayerNorm(16)
+        self.rms = torch.nn.RMSNorm(16, eps=1e-6)
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(3)
+        self.bn1 = torch.nn.BatchNorm1d(16, momentum=0.3)
+        self.dropout = torch.nn.Dropout(0.25)
+        self.head = torch.nn.Sequential(torch.nn.Linear(16, 5), self.dropout)  # one Dropout, two places
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)
+        a, _ = self.attention(x, x, x, key_padding_mask=tokens == 0, need_weights=False)
+        x = self.rms(self.norm(x + self.dropout(a)))
+        x = self.bn2(self.conv(x.unsqueeze(1))).mean(1)             # (B, S, 16)
+        x = self.bn1(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x).mean(1)
+
+
+def run_token_net(model, device):
+    tokens = torch.tensor([[3, 7, 9, 11, 2, 0, 0], [5, 1, 8, 4, 6, 12, 13], [9, 9, 2, 0, 0, 0, 0]])
+    out = model(tokens.to(device))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    return (out,), (out * weights).sum()
+
+
+def test_torch_model_eval(backend, device):
+    model = noisy(TokenNet()).to(device).eval()
+    reference = copy.deepcopy(model).double().cpu()
+    before = torch_modules(model)
+    assert fastdl.patch(model) is model
+    assert not torch_modules(model)
+    assert len(fastdl_modules(model)) == len(before) == 7
+    assert model.head[1] is model.dropout
+    compare(model, reference, run_token_net, device)
+
+
+def test_torch_model_training_updates_batch_norm_statistics(backend, device):
+    model = noisy(TokenNet()).to(device).train()
+    model.dropout.p = 0.0  # dropout masks come from different random streams
+    model.attention.dropout = 0.0
+    reference = copy.deepcopy(model).double().cpu()
+    fastdl.patch(model)
+    assert model.training and all(m.training for m in model.modules())
+    compare(model, reference, run_token_net, device)
+    for name in ("bn1", "bn2"):
+        ours, ref = getattr(model, name), getattr(reference, name)
+        assert_close(f"{name}.running_mean", ours.running_mean.cpu(), ref.running_mean, rtol=1e-5)
+        assert_close(f"{name}.running_var", ours.running_var.cpu(), ref.running_var, rtol=1e-5)
+        assert ours.num_batches_tracked.item() == 1
+
+
+def test_patch_shares_tensors_keeps_hooks_and_is_idempotent(capsys):
+    model = TokenNet()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    model.norm.register_forward_hook(lambda *args: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fastdl.patch(model)
+    assert list(model.parameters()) == params and all(a is b for a, b in zip(model.parameters(), params))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert type(model.attention) is fastdl.nn.MultiheadAttention
+    assert type(model.embedding) is fastdl.nn.Embedding and model.embedding.padding_idx == 0
+    assert model.bn1.momentum == 0.3 and model.rms.eps == 1e-6 and model.dropout.p == 0.25
+    model.eval()
+    with fastdl.backend.use("torch"):
+        model(torch.randint(1, 50, (2, 5))).sum().backward()
+    assert calls == [1]
+    optimizer.step()  # the optimizer built before patching updates the live weights
+    assert not torch.equal(model.head[0].weight, state["head.0.weight"])
+    swapped = fastdl_modules(model)
+    fastdl.patch(model)
+    assert all(a is b for a, b in zip(fastdl_modules(model), swapped))
+    assert capsys.readouterr() == ("", "")
+
+
+def test_patch_root_module_subclasses_and_bad_input():
+    norm = torch.nn.LayerNorm(8, eps=1e-3, bias=False)
+    swapped = fastdl.patch(norm)
+    assert type(swapped) is fastdl.nn.LayerNorm and swapped.weight is norm.weight and swapped.bias is None
+
+    class MyNorm(torch.nn.LayerNorm):  # may change forward: left alone
+        pass
+
+    model = torch.nn.Sequential(MyNorm(8), torch.nn.Dropout())
+    fastdl.patch(model)
+    assert type(model[0]) is MyNorm and type(model[1]) is fastdl.nn.Dropout
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastdl.patch(lambda x: x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face models
+# ---------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_bert(cls=None, **overrides):
+    kwargs = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=16, num_labels=3, attn_implementation="sdpa")
+    kwargs.update(overrides)
+    cls = cls or transformers.BertForSequenceClassification
+    return noisy(cls(transformers.BertConfig(**kwargs))).eval()
+
+
+def run_bert(model, device):
+    ids = torch.randint(1, 99, (2, 8), generator=torch.Generator().manual_seed(1))  # same on both runs
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    out = model(ids.to(device), attention_mask=mask.to(device), labels=torch.tensor([2, 0], device=device))
+    return (out.logits,), out.loss
+
+
+def test_hf_bert_classifier(backend, device, attention_calls, capsys):
+    model = hf_bert().to(device)
+    reference = copy.deepcopy(model).double().cpu()
+    reference.set_attn_implementation("eager")
+    n_torch = len(torch_modules(model))
+    assert fastdl.patch(model) is model
+    assert model.config._attn_implementation == "fastdl"
+    assert len(fastdl_modules(model)) == n_torch > 0 and not torch_modules(model)
+    compare(model, reference, run_bert, device)
+    assert len(attention_calls) == 1 and attention_calls[0] is not None  # one layer, padded batch
+    assert capsys.readouterr().out == ""
+
+
+def test_hf_masked_lm_keeps_tied_weights():
+    model = hf_bert(transformers.BertForMaskedLM)
+    fastdl.patch(model)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert isinstance(model.bert.embeddings.word_embeddings, fastdl.nn.Embedding)
+
+
+def run_vit(model, device):
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # same on both runs
+    out = model(pixels.to(device), labels=torch.tensor([1, 2], device=device))
+    return (out.logits,), out.loss
+
+
+def test_hf_vit_classifier(backend, device, attention_calls):
+    config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=4, intermediate_size=37, num_labels=3)
+    model = noisy(transformers.ViTForImageClassification(config)).eval().to(device)
+    reference = copy.deepcopy(model).double().cpu()
+    reference.set_attn_implementation("eager")
+    n_torch = len(torch_modules(model))
+    fastdl.patch(model)
+    assert len(fastdl_modules(model)) == n_torch > 0
+    compare(model, reference, run_vit, device)
+    assert attention_calls == [None]  # no padding: no mask
+
+
+def _sdpa_reference():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
+@pytest.mark.parametrize("case", ["padding", "causal", "gqa", "float-mask", "position-bias", "cross"])
+def test_hf_attention_function_matches_transformers_sdpa(case):
+    """hf_attention honours the contract of transformers' sdpa_attention_forward."""
+    torch.manual_seed(0)
+    b, h, lq, lk, d = 2, 4, 5, 5, 8
+    if case == "cross":
+        lk = 7
+    h_kv = 2 if case == "gqa" else h
+    module = torch.nn.Module()
+    module.is_causal = case in ("causal", "gqa")
+    module.num_key_value_groups = h // h_kv
+    q = torch.randn(b, h, lq, d, dtype=torch.float64)
+    k, v = torch.randn(2, b, h_kv, lk, d, dtype=torch.float64)
+    mask, kwargs = None, {}
+    if case in ("padding", "cross"):
+        mask = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        mask[1, ..., 3:] = False
+    if case == "float-mask":
+        mask = torch.randn(b, 1, lq, lk, dtype=torch.float64)
+    if case == "position-bias":
+        kwargs["position_bias"] = torch.randn(1, h, lq, lk, dtype=torch.float64)
+        module.is_causal = True
+    with fastdl.backend.use("torch"):
+        out, weights = hf_attention(module, q, k, v, mask, scaling=0.3, **kwargs)
+    ref, _ = _sdpa_reference()(module, q, k, v, mask, scaling=0.3, **kwargs)
+    assert weights is None and out.shape == (b, lq, h, d)
+    assert_close("attention", out, ref, rtol=1e-10)
+    with pytest.raises(ValueError, match="softcap"):
+        hf_attention(module, q, k, v, mask, softcap=30.0)
