@@ -1,0 +1,551 @@
+"""Fused scaled dot-product attention (FlashAttention-2 style), forward and backward.
+
+Shapes: q (B, H, L, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv) with H a multiple of H_kv (grouped
+query attention: query head h reads key/value head h // (H // H_kv), no copies); fp16, bf16 or
+fp32; D, Dv <= 256. Any strides, as long as the last dimension is contiguous (views of a packed
+QKV projection run without a copy).
+
+Forward. One program owns BLOCK_M query rows of one (batch, head) and keeps them on chip while it
+streams BLOCK_N key/value rows at a time. Scores are taken in base 2 -- scale * log2(e) is folded
+into one multiply, so the exponentials are ``exp2`` -- with a running row maximum m and row sum l
+(online softmax)::
+
+    s     = (q k^T) * scale * log2(e)  [+ mask * log2(e)]     masked / out-of-range entries: -inf
+    m'    = max(m, rowmax(s))
+    p     = exp2(s - m')
+    l     = l * exp2(m - m') + rowsum(p)
+    acc   = acc * exp2(m - m') + dropout(p) v
+    o     = acc / l,     lse = (m + log2(l)) * ln(2)       (natural-log logsumexp per row)
+
+Everything accumulates in float32; o is written once; the L x S score matrix never reaches memory.
+Saved for the backward: o and lse, (B, H, L) float32. Rows whose keys are all masked have l = 0:
+their output is 0 and their lse is -inf (the backward treats it as "nothing attended").
+With ``is_causal`` (top-left aligned, as torch: row i attends columns j <= i, also when L != S)
+key tiles entirely right of a query tile are never loaded.
+
+Masks are read through their strides, broadcast to (B, H, L, S): a (B, 1, 1, S) padding mask has
+stride 0 on the head and row axes and costs S values per batch. Boolean masks keep True entries;
+float masks are added to the scores (a float mask's most negative finite values are clamped to
+-1e38 so that they stay finite after the scaling by log2(e), as torch's arithmetic keeps them).
+
+Dropout drops entries of the normalised probabilities P with a counter-based generator
+(``dropout_keep``) keyed by the seed and the int64 offset ``((b * H + h) * L + i) * S + j``, so the
+backward regenerates exactly the forward's mask; nothing is stored.
+
+Backward, with P = exp2(s - lse * log2(e)) recomputed tile by tile from q, k and the saved lse,
+Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
+
+    delta = rowsum(dO * O)                      preprocessing pass, (B, H, L) float32
+    dV    = (P * Z)^T dO
+    dP    = (dO V^T) * Z
+    dS    = P * (dP - delta)                    (also the gradient of an additive float mask)
+    dQ    = scale * dS K,    dK = scale * dS^T Q
+
+Two kernels, neither with atomics: one program per key/value tile (of one kv head) walks every
+query tile of every query head sharing that kv head and accumulates dK, dV in registers; a second
+program per query tile walks the key/value tiles and accumulates dQ. Both are deterministic.
+The dK/dV kernel can also write dS per (b, h) for a float mask that requires grad; the caller sums
+it over the mask's broadcast dimensions.
+
+Block sizes, warps and pipeline stages come from ``kernels.utils.autotune`` over a short list per
+(head-dim class, dtype size, kernel) keyed by the head-dim block, causality and sequence-length
+buckets; the first config of each list is a safe default and the only one under the interpreter.
+fp32 inputs use full-precision ("ieee") dot products, not TF32: fp32 attention is held to 2e-4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import autotune, dropout_keep
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+# Float-mask values are clamped to this before the log2(e) scaling, so finfo(float32).min stays
+# finite (it would overflow to -inf): an all-"min" row then averages V as torch's math does.
+MASK_FLOOR: tl.constexpr = -1.0e38
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations. Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of every list
+# is the default (and the interpreter's only choice); the others suit Hopper: 128-row query tiles
+# with 8 warps and 3-4 stages for D <= 128, narrower key tiles for D = 256 to fit shared memory.
+# ---------------------------------------------------------------------------------------------
+
+_FWD_CONFIGS = {
+    # (head-dim class, bytes per element)
+    (64, 2): [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)],
+    (128, 2): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
+    (256, 2): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    (128, 4): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (256, 4): [(32, 32, 4, 1), (64, 32, 8, 1), (64, 32, 4, 2)],
+}
+# dK/dV kernel: BLOCK_N key rows stay, BLOCK_M query rows stream.
+_BWD_KV_CONFIGS = {
+    (64, 2): [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+    (128, 2): [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    (256, 2): [(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)],
+    (64, 4): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    (128, 4): [(32, 32, 4, 2), (32, 64, 4, 1), (64, 64, 8, 1)],
+    (256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
+}
+# dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream.
+_BWD_Q_CONFIGS = {
+    (64, 2): [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    (128, 2): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    (256, 2): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+    (64, 4): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    (128, 4): [(32, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 1)],
+    (256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
+}
+
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+
+
+def _triton_configs(entries):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+
+
+def _head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _seq_bucket(n: int) -> int:
+    """Sequence-length bucket for the autotuning key: powers of two from 64 to 16K."""
+    return min(max(64, triton.next_power_of_2(max(n, 1))), 16384)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores(qk, rows, cols, b, h, L, S, MASK, smb, smh, sml, sms,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores in base-2 units for one tile: ``qk`` (q k^T already times scale * log2(e)) plus the
+    mask, and -inf where a row is past L, a column past S, causally hidden or masked out.
+
+    ``rows`` and ``cols`` are int64 index blocks that broadcast to the tile's shape: (M, 1) and
+    (1, N) for a (queries, keys) tile, (1, M) and (N, 1) for its transpose -- the same code
+    serves the forward, the dQ kernel and the transposed tiles of the dK/dV kernel.
+    """
+    valid = (rows < L) & (cols < S)
+    if IS_CAUSAL:  # top-left aligned: row i attends columns j <= i, whatever L and S are
+        valid = valid & (cols <= rows)
+    if MASK_KIND != 0:
+        in_bounds = valid
+        mask_ptrs = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * sml + cols * sms
+        if MASK_KIND == 1:
+            valid = valid & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
+        else:
+            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, MASK_FLOOR))
+            qk = qk + bias * LOG2E
+    return tl.where(valid, qk, float("-inf"))
+
+
+@triton.jit
+def _dropout_offsets(bh, rows, cols, L, S):
+    """The int64 counter of element (i, j) of head bh = b * H + h: (bh * L + i) * S + j."""
+    return (bh.to(tl.int64) * L + rows) * S + cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, OUT, LSE, MASK,  # Q (B,H,L,D), K (B,Hkv,S,D), V (B,Hkv,S,Dv), OUT (B,H,L,Dv), LSE (B,H,L)
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sob, soh, sol,
+    smb, smh, sml, sms,  # mask strides broadcast to (B, H, L, S); 0 on broadcast dims
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, dropout_p, keep_scale, seed,
+    L_BUCKET, S_BUCKET,  # autotuning key only
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    h_kv = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < L
+    rows_m = offs_m.to(tl.int64)
+
+    q_ptrs = Q + b64 * sqb + h.to(tl.int64) * sqh + rows_m[:, None] * sql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += b64 * skb + h_kv.to(tl.int64) * skh
+    V += b64 * svb + h_kv.to(tl.int64) * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    hi = S
+    if IS_CAUSAL:  # tiles wholly right of the diagonal are skipped, not just masked
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        rows_n = offs_n.to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+                    IS_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
+        # instead of computing -inf - (-inf) = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(V + rows_n[:, None] * svs + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # Fully masked rows (l = 0) return 0, not 0/0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * (keep_scale / l_safe)[:, None]
+    o_ptrs = OUT + b64 * sob + h.to(tl.int64) * soh + rows_m[:, None] * sol + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L, HEAD_DIM_V,
+                           BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """DELTA[b, h, i] = sum_d dO[b, h, i, d] * OUT[b, h, i, d], float32. DELTA: (B, H, L)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * sol + offs_dv[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows[:, None] * sdol
+                 + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
+    bh = (b * H + h).to(tl.int64)
+    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, axis=1), mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms, sdsb, sdsh, sdsl,
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
+    L_BUCKET, S_BUCKET,  # autotuning key only
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it.
+
+    Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
+    transposition of P or dS.
+    """
+    pid_n = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < S
+    rows_n = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + b64 * skb + h_kv.to(tl.int64) * skh + rows_n[:, None] * sks + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b64 * svb + h_kv.to(tl.int64) * svh + rows_n[:, None] * svs + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:  # query tiles wholly above the diagonal see none of these keys
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        bh = b * H + h
+        Qh = Q + b64 * sqb + h.to(tl.int64) * sqh
+        DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < L
+            rows_m = offs_m.to(tl.int64)
+            qt = tl.load(Qh + rows_m[None, :] * sql + offs_d[:, None],
+                         mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(DOh + rows_m[:, None] * sdol + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+            # lse = -inf marks a fully masked row: +inf makes every P of that row exp2(-inf) = 0.
+            lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+            delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+
+            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+            st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, L, S, MASK, smb, smh, sml, sms,
+                         IS_CAUSAL, MASK_KIND)
+            pt = tl.math.exp2(st - lse[None, :])
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[None, :], rows_n[:, None], L, S),
+                                    dropout_p)
+                dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do,
+                             input_precision=PRECISION)
+                dpt = tl.where(keep, dpt * keep_scale, 0.0)
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            if MASK_GRAD:
+                tl.store(DS + b64 * sdsb + h.to(tl.int64) * sdsh + rows_m[None, :] * sdsl + rows_n[:, None],
+                         dst, mask=row_ok[None, :] & col_ok[:, None])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+
+    dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    dv_ptrs = DV + b64 * sdvb + h_kv.to(tl.int64) * sdvh + rows_n[:, None] * sdvs + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DQ,  # DQ like Q
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol, sdqb, sdqh, sdql,
+    smb, smh, sml, sms,
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
+    L_BUCKET, S_BUCKET,  # autotuning key only
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dQ for BLOCK_M query rows of one (batch, head): each element written once, no atomics."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    h_kv = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    rows_m = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows_m[:, None] * sql + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b64 * sdob + h.to(tl.int64) * sdoh + rows_m[:, None] * sdol + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # fully masked row: P = 0
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    K += b64 * skb + h_kv.to(tl.int64) * skh
+    V += b64 * svb + h_kv.to(tl.int64) * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        rows_n = offs_n.to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vt = tl.load(V + rows_n[None, :] * svs + offs_dv[:, None],
+                     mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+                    IS_CAUSAL, MASK_KIND)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+
+    dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_tuned: dict = {}
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer. Every launcher output comes from here, so a test can hand out
+    NaN-filled buffers and prove that the kernels write every element."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tuned_kernel(kind: str, kernel, table, block_d: int, dtype: torch.dtype):
+    """The autotuned wrapper of ``kernel`` for one (head-dim class, dtype size) config list."""
+    key = (kind, _head_dim_class(block_d), 4 if dtype == torch.float32 else 2)
+    if key not in _tuned:
+        _tuned[key] = autotune(_triton_configs(table[key[1:]]), key=_TUNE_KEY)(kernel)
+    return _tuned[key]
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Strided tensors are read as they are; only a non-unit last-dim stride forces a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _mask_arg(attn_mask, q, S):
+    """(pointer tensor, 4 strides, MASK_KIND) for a mask broadcast to (B, H, L, S)."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), MASK_NONE
+    B, H, L, _ = q.shape
+    mask = attn_mask.expand(B, H, L, S)  # a view: broadcast dims get stride 0
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), mask.stride(), MASK_BOOL
+    return mask, mask.stride(), MASK_FLOAT
+
+
+def _check_shapes(q, k, v):
+    B, H, L, D = q.shape
+    Bk, H_kv, S, Dk = k.shape
+    if (Bk, Dk) != (B, D) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
+    if max(D, v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported (got {D}, {v.shape[-1]})")
+    return B, H, L, D, H_kv, S, v.shape[-1]
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                  seed: int = 0, out: torch.Tensor | None = None):
+    """Fused attention forward.
+
+    q (B, H, L, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv): fp16 / bf16 / fp32, same dtype, last dim
+    contiguous (other strides are honoured). attn_mask: None, bool (True = attend) or float
+    (added to the scores), broadcastable to (B, H, L, S). ``scale`` defaults to 1 / sqrt(D).
+    ``out`` (B, H, L, Dv), if given, receives the output.
+
+    Returns o (B, H, L, Dv) in q's dtype and lse (B, H, L) float32 (natural log; -inf for fully
+    masked rows, whose output is 0).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
+    scale = D ** -0.5 if scale is None else float(scale)
+    o = _alloc((B, H, L, DV), q.dtype, q.device) if out is None else out
+    lse = _alloc((B, H, L), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    if S == 0:  # nothing to attend: every row is fully masked
+        return o.zero_(), lse.fill_(float("-inf"))
+    mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
+    BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
+    kernel = _tuned_kernel("fwd", _attn_fwd_kernel, _FWD_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)
+    kernel[grid](
+        q, k, v, o, lse, mask,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
+        H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, float(dropout_p),
+        _keep_scale(dropout_p), int(seed), _seq_bucket(L), _seq_bucket(S),
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+    )
+    return o, lse
+
+
+def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a (B, H, L, S) gradient over the dims a mask of ``shape`` was broadcast along."""
+    lead = grad.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    return (grad.sum(dims, keepdim=True) if dims else grad).reshape(shape)
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                  scale: float | None = None, dropout_p: float = 0.0, seed: int = 0, mask_grad: bool = False):
+    """Gradients of :func:`attention_fwd`, recomputing the scores from q, k and the saved lse.
+
+    do, o (B, H, L, Dv); q, k, v, attn_mask, is_causal, scale, dropout_p, seed as in the forward;
+    lse (B, H, L) float32 from the forward. Returns dq, dk, dv shaped and typed like q, k, v
+    (contiguous), and the gradient of a float ``attn_mask`` (its shape and dtype, summed over its
+    broadcast dims) when ``mask_grad`` is True, else None. Deterministic: no atomics.
+    """
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
+    scale = D ** -0.5 if scale is None else float(scale)
+    dq, dk, dv = (_alloc(t.shape, t.dtype, t.device) for t in (q, k, v))
+    mask_grad = mask_grad and attn_mask is not None
+    ds = _alloc((B, H, L, S) if mask_grad else (0,), torch.float32, q.device)
+    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0 and ds.numel() == 0:
+        return dq, dk, dv, (_sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None)
+    if S == 0 or L == 0 or B * H == 0:  # nothing attended: every gradient is 0
+        dmask = _sum_to_shape(ds.zero_(), attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
+    BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
+    common = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+                  PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    scalars = (H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, scale, float(dropout_p),
+               _keep_scale(dropout_p), int(seed), _seq_bucket(L), _seq_bucket(S))
+
+    delta = _alloc((B, H, L), torch.float32, q.device)
+    DELTA_BLOCK_M = 16 if BLOCK_DV >= 256 else 32
+    _attn_bwd_delta_kernel[(triton.cdiv(L, DELTA_BLOCK_M), H, B)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, DV,
+        BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
+
+    kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    kv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), H_kv, B)](
+        q, k, v, do, lse, delta, mask, dk, dv, ds if mask_grad else dk,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
+        *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, MASK_GRAD=mask_grad, **common)
+
+    q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    q_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
+        q, k, v, do, lse, delta, mask, dq,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        *mask_strides, *scalars, **common)
+
+    dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask
+
+
+def _keep_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
