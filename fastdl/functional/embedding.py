@@ -20,7 +20,10 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from .. import backend
+from ._random import draw_seed
 from ._validate import check_floating, check_same_device
 
 
@@ -60,6 +63,76 @@ def _padding_index(padding_idx, num_embeddings: int) -> int | None:
     return int(padding_idx) % num_embeddings
 
 
+# Widest embedding dim the fused BERT kernel takes (its row stays in registers); wider -> torch path.
+_MAX_BERT_DIM = 16384
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    """weight[input] on the kernel path. Saved: the flat indices only.
+
+    The weight gradient is dense, from the deterministic sort-and-segment-sum kernel
+    (``fastdl.kernels.embedding``); with ``sparse=True`` it is a sparse COO tensor built from the
+    indices and the output gradient rows, as torch builds it (no kernel needed: nothing is summed).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool):
+        idx = input.reshape(-1)
+        out = backend.kernels("embedding").embedding_fwd(idx, weight)
+        ctx.save_for_backward(idx)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.padding_idx, ctx.scale_grad_by_freq, ctx.sparse = padding_idx, scale_grad_by_freq, sparse
+        return out.view(*input.shape, weight.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        (idx,) = ctx.saved_tensors
+        num, dim = ctx.weight_shape
+        dout = dout.reshape(-1, dim)
+        if ctx.sparse:
+            if ctx.scale_grad_by_freq:
+                raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
+                                   "(as in PyTorch)")
+            keep = slice(None) if ctx.padding_idx is None else idx != ctx.padding_idx
+            dweight = torch.sparse_coo_tensor(idx[keep].to(torch.int64).unsqueeze(0),
+                                              dout[keep].to(ctx.weight_dtype), (num, dim))
+        else:
+            dweight = backend.kernels("embedding").embedding_bwd(
+                dout, idx, num, ctx.padding_idx, ctx.scale_grad_by_freq, ctx.weight_dtype)
+        return None, dweight, None, None, None
+
+
+class BertEmbeddingsFunction(torch.autograd.Function):
+    """The fused BERT embedding block on the kernel path.
+
+    Saved: the three flat index vectors, the tables and LayerNorm weight (references, not copies),
+    per-token mean and rstd, and the dropout seed; the sum and the mask are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
+                ln_bias, eps: float, p: float, seed: int, padding_idx: int | None):
+        ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
+        out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
+            *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
+        ctx.save_for_backward(*ids, word, position, token_type, ln_weight, mean, rstd)
+        ctx.p, ctx.seed, ctx.padding_idx = p, seed, padding_idx
+        ctx.ln_bias_dtype = None if ln_bias is None else ln_bias.dtype
+        return out.view(*input_ids.shape, word.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        d_word, d_pos, d_type, d_ln_w, d_ln_b = backend.kernels("embedding").bert_embeddings_bwd(
+            dout.reshape(-1, word.shape[1]), word_ids, pos_ids, type_ids, word, position, token_type,
+            ln_weight, mean, rstd, ctx.p, ctx.seed, ctx.padding_idx, (needs[3], needs[4], needs[5]),
+            ctx.ln_bias_dtype)
+        return (None, None, None, d_word, d_pos, d_type, d_ln_w, d_ln_b, None, None, None, None)
+
+
 def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
               max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
               sparse: bool = False) -> torch.Tensor:
@@ -73,7 +146,12 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     _check_indices("input", input, weight.shape[0], "weight")
     check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
-    return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if backend.select("embedding", weight) == "torch":
+        return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if max_norm is not None:
+        with torch.no_grad():  # in place, and invisible to autograd, exactly as torch does it
+            torch.embedding_renorm_(weight, input.contiguous(), float(max_norm), float(norm_type))
+    return EmbeddingFunction.apply(input, weight, pad, bool(scale_grad_by_freq), bool(sparse))
 
 
 def _bert_ids(input_ids, token_type_ids, position_ids):
@@ -136,6 +214,13 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     _check_indices("token_type_ids", token_type_ids, token_type.shape[0], "token_type")
     _check_indices("position_ids", position_ids, position.shape[0], "position")
     pad = _padding_index(padding_idx, word.shape[0])
-    x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
-         + F.embedding(token_type_ids, token_type))
-    return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
+    unsupported = None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}"
+    if backend.select("bert_embeddings", word, unsupported) == "torch":
+        x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
+             + F.embedding(token_type_ids, token_type))
+        return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
+    if not training:
+        p = 0.0
+    seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else 0
+    return BertEmbeddingsFunction.apply(input_ids, token_type_ids, position_ids, word, position,
+                                        token_type, ln_weight, ln_bias, float(eps), p, seed, pad)

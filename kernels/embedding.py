@@ -1,0 +1,367 @@
+"""Embedding lookup (gather), its deterministic backward (segment sum), and the fused BERT
+embedding block.
+
+Forward of ``embedding``: ``out[m, :] = weight[idx[m], :]`` for the (M,) flat indices. One program
+copies a (BLOCK_M tokens, BLOCK_N columns) tile, so each load is a vectorised slice of a weight row
+and a program moves a few thousand elements. Nothing is saved but the indices.
+
+Backward: ``dweight[v] = sum over m with idx[m] == v of dout[m]`` (divided by that count with
+``scale_grad_by_freq``; the ``padding_idx`` row stays zero). Many tokens can hit the same row, so a
+plain parallel scatter needs float atomics -- whose summation order, and so result, changes from
+run to run, and which Triton's interpreter cannot do in fp16 at all. The only path here is
+deterministic, by sorting instead:
+
+1. The launcher sorts the flat indices with ``torch.sort(stable=True)`` and splits the sorted list
+   into *segments* of equal index (``torch.unique_consecutive``), and every segment into *pieces*
+   of at most ``ROWS_PER_PIECE`` tokens, so that a padding token or a token-type id repeated
+   16K times is still summed by many programs in parallel.
+2. ``_segment_sum_kernel``, one program per (piece, column block), sums the piece's ``dout`` rows,
+   ``BLOCK_R`` of them per step into a (BLOCK_R, BLOCK_N) float32 accumulator that is reduced
+   once at the end. When every segment is a single piece (the usual vocabulary lookup), the
+   program writes its sum straight into ``dweight[v]``; otherwise into a (pieces, N) float32
+   buffer, and the same kernel run over that buffer adds each segment's pieces in order.
+
+Each row of ``dweight`` is written by exactly one program and every sum has a fixed order, so
+gradients are bitwise reproducible; the price is one sort of M integers (cheap next to the M x N
+rows moved). Rows never looked up are zero (``dweight`` starts zeroed).
+
+Fused BERT embeddings (one program per token, its D-wide row in registers)::
+
+    s   = word[wid] + position[pid] + token_type[tid]            (float32)
+    y   = (s - mean(s)) * rstd * ln_weight + ln_bias,  rstd = 1 / sqrt(var(s) + eps)
+    out = keep(seed, m * D + d) ? y / (1 - p) : 0                dropout, the mask of kernels.dropout
+
+Saved for the backward: the three index vectors, mean and rstd (M,) float32 and the seed -- no
+sum, no mask. The backward kernel recomputes s from the tables, regenerates the mask, and writes
+ds, the LayerNorm input gradient (see kernels/layer_norm.py), as an (M, D) float32 buffer plus
+per-program partials of d ln_weight / d ln_bias (reduced by ``sum_partials``). ds is then scattered
+into the three tables by one segment sum over the 3M keys ``wid``, ``V + pid``, ``V + P + tid`` of
+the stacked (V + P + T, D) gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import keep_scale
+from .utils import (INTERPRET, acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs,
+                    num_warps_for, sum_partials)
+
+# Elements one gather program moves. The interpreter runs programs one after another, each with a
+# fixed overhead, so it gets fewer, larger tiles.
+GATHER_TILE = 16384 if INTERPRET else 4096
+# Longest run of equal sorted indices one program sums before the sum is split over programs.
+ROWS_PER_PIECE = 32 if INTERPRET else 256
+# Widest row the fused BERT kernel keeps in registers.
+MAX_BERT_DIM = 16384
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_kernel(IDX, W, OUT, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[m, :] = W[IDX[m], :] for one tile. IDX: (M,) int32/int64; W: (V, N); OUT: (M, N)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    idx = tl.load(IDX + rows, mask=row_mask, other=0).to(tl.int64)  # int64: idx * N may pass 2^31
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    vals = tl.load(W + idx[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + rows[:, None] * N + cols[None, :], vals, mask=mask)
+
+
+@ensure_contiguous
+def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Rows of weight (V, N) at idx (M,) int32/int64, all in [0, V). Returns (M, N) in weight's dtype."""
+    M, (_, N) = idx.numel(), weight.shape
+    out = torch.empty((M, N), dtype=weight.dtype, device=weight.device)
+    if M == 0 or N == 0:
+        return out
+    BLOCK_N = min(triton.next_power_of_2(N), 1024)
+    BLOCK_M = min(max(1, GATHER_TILE // BLOCK_N), triton.next_power_of_2(M))
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _gather_kernel[grid](idx, weight, out, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                         num_warps=num_warps_for(BLOCK_M * BLOCK_N))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic scatter-add: segment sums over sorted indices
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _segment_sum_kernel(
+    SRC, ROWS, LO, HI, KEYS, COUNTS, OUT,  # SRC: (R, N); ROWS: (K,) int64; LO, HI, KEYS, COUNTS: (S,)
+    N, padding_idx,
+    INDIRECT: tl.constexpr, TO_TABLE: tl.constexpr, SCALE_BY_FREQ: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum rows lo..hi-1 of SRC (through ROWS when INDIRECT) for segment s = program_id(0).
+
+    TO_TABLE: write the sum (over COUNTS[s] when SCALE_BY_FREQ) to OUT[KEYS[s]], unless KEYS[s]
+    is padding_idx; else write it to OUT[s], a partial row for a second pass.
+    """
+    seg = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    lo = tl.load(LO + seg)  # int64
+    hi = tl.load(HI + seg)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
+    for start in range(0, hi - lo, BLOCK_R):
+        pos = lo + start + tl.arange(0, BLOCK_R)
+        pos_mask = pos < hi
+        if INDIRECT:
+            rows = tl.load(ROWS + pos, mask=pos_mask, other=0)
+        else:
+            rows = pos
+        mask = pos_mask[:, None] & col_mask[None, :]
+        acc += tl.load(SRC + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(ACC)
+    total = tl.sum(acc, axis=0)
+    if TO_TABLE:
+        key = tl.load(KEYS + seg)
+        if SCALE_BY_FREQ:
+            total = total / tl.load(COUNTS + seg).to(ACC)
+        if key != padding_idx:
+            tl.store(OUT + key * N + cols, total, mask=col_mask)
+    else:
+        tl.store(OUT + seg.to(tl.int64) * N + cols, total, mask=col_mask)
+
+
+def _segment_sum_into(out: torch.Tensor, src: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor | None,
+                      padding_idx: int, scale_grad_by_freq: bool) -> None:
+    """out[k] = sum of src[r] over the pairs (keys[i], rows[i]) with keys[i] == k, deterministically.
+
+    out: (V, N) zeroed, any float dtype; src: (R, N) contiguous; keys: (K,) int64 in [0, V);
+    rows: (K,) int64 row of src for each key, or None meaning rows[i] = i. Row ``padding_idx`` of
+    out is left alone (-1: none).
+    """
+    N = src.shape[1]
+    if keys.numel() == 0 or N == 0:
+        return
+    sorted_keys, order = torch.sort(keys, stable=True)  # stable: equal keys keep token order
+    src_rows = order if rows is None else rows[order]
+    uniq, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+    seg_end = torch.cumsum(counts, 0)
+    seg_start = seg_end - counts
+    acc = acc_dtype(src.dtype)
+    BLOCK_N = min(block_size(N), 256)
+    BLOCK_R = 16
+    num_warps = num_warps_for(BLOCK_R * BLOCK_N)
+    scale = dict(COUNTS=counts, SCALE_BY_FREQ=scale_grad_by_freq)
+    direct = int(counts.max()) <= ROWS_PER_PIECE
+    if direct:
+        _segment_sum_kernel[(uniq.numel(), triton.cdiv(N, BLOCK_N))](
+            src, src_rows, seg_start, seg_end, uniq, **scale, OUT=out, N=N, padding_idx=padding_idx,
+            INDIRECT=True, TO_TABLE=True, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        return
+    # Split long segments into pieces of ROWS_PER_PIECE sorted tokens; the pieces of one segment
+    # are consecutive, so the second pass sums partial rows piece_first[s] .. piece_end[s] - 1.
+    pieces = (counts + ROWS_PER_PIECE - 1) // ROWS_PER_PIECE
+    piece_end = torch.cumsum(pieces, 0)
+    piece_first = piece_end - pieces
+    num_pieces = int(piece_end[-1])
+    piece_seg = torch.repeat_interleave(torch.arange(uniq.numel(), device=keys.device), pieces,
+                                        output_size=num_pieces)
+    piece_lo = seg_start[piece_seg] + (torch.arange(num_pieces, device=keys.device)
+                                       - piece_first[piece_seg]) * ROWS_PER_PIECE
+    piece_hi = torch.minimum(piece_lo + ROWS_PER_PIECE, seg_end[piece_seg])
+    partial = torch.empty((num_pieces, N), dtype=torch.float64 if acc == tl.float64 else torch.float32,
+                          device=src.device)
+    _segment_sum_kernel[(num_pieces, triton.cdiv(N, BLOCK_N))](
+        src, src_rows, piece_lo, piece_hi, uniq, **scale, OUT=partial, N=N, padding_idx=padding_idx,
+        INDIRECT=True, TO_TABLE=False, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    _segment_sum_kernel[(uniq.numel(), triton.cdiv(N, BLOCK_N))](
+        partial, partial, piece_first, piece_end, uniq, **scale, OUT=out, N=N, padding_idx=padding_idx,
+        INDIRECT=False, TO_TABLE=True, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
+
+
+@ensure_contiguous
+def embedding_bwd(dout: torch.Tensor, idx: torch.Tensor, num_embeddings: int, padding_idx: int | None,
+                  scale_grad_by_freq: bool, weight_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of :func:`embedding_fwd` with respect to the weight, deterministically.
+
+    dout: (M, N); idx: (M,) int32/int64. Returns (num_embeddings, N) in ``weight_dtype``: row v is
+    the sum of the dout rows whose index is v (divided by their count when ``scale_grad_by_freq``);
+    row ``padding_idx`` (if not None, already in [0, num_embeddings)) is zero.
+    """
+    dweight = torch.zeros((num_embeddings, dout.shape[1]), dtype=weight_dtype, device=dout.device)
+    _segment_sum_into(dweight, dout, idx.to(torch.int64), None,
+                      -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
+    return dweight
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused BERT embeddings: three lookups, sum, LayerNorm, dropout
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC: tl.constexpr):
+    """word[wid] + position[pid] + token_type[tid] for token ``row``, in ACC; 0 outside ``mask``."""
+    wid = tl.load(WORD_IDS + row).to(tl.int64)
+    pid = tl.load(POS_IDS + row).to(tl.int64)
+    tid = tl.load(TYPE_IDS + row).to(tl.int64)
+    s = tl.load(WORD + wid * N + cols, mask=mask, other=0.0).to(ACC)
+    s += tl.load(POS + pid * N + cols, mask=mask, other=0.0).to(ACC)
+    s += tl.load(TYPE + tid * N + cols, mask=mask, other=0.0).to(ACC)
+    return s
+
+
+@triton.jit
+def _bert_embeddings_fwd_kernel(
+    WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, LN_B, OUT, MEAN, RSTD,  # ids (M,); tables (*, N)
+    N, eps, p, scale, seed,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC)
+    mean = tl.sum(s, axis=0) / N
+    xc = tl.where(mask, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    y = xc * rstd
+    if HAS_W:
+        y = y * tl.load(LN_W + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_B:
+        y = y + tl.load(LN_B + cols, mask=mask, other=0.0).to(ACC)
+    offsets = row * N + cols  # the flat index of each output element: the dropout counter
+    if DROPOUT:
+        y = tl.where(dropout_keep(seed, offsets, p), y * scale, 0.0)
+    tl.store(OUT + offsets, y, mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _bert_embeddings_bwd_kernel(
+    WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
+    M, N, rows_per_program, p, scale, seed,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    num_rows = tl.minimum(rows_per_program, M - row_start)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_W:
+        w = tl.load(LN_W + cols, mask=mask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_N], dtype=ACC)
+    for i in range(0, num_rows):
+        row = row_start + i
+        offsets = row * N + cols
+        s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC)
+        # The stored mean is rounded to float32; re-centre on it exactly (see kernels/layer_norm.py).
+        xs = tl.where(mask, s - tl.load(MEAN + row), 0.0)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
+        dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
+        if DROPOUT:
+            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
+        g = dy * w if HAS_W else dy
+        ds = (g - xhat * (tl.sum(xhat * g, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
+        tl.store(DS + offsets, ds, mask=mask)
+        if HAS_W:
+            dw += dy * xhat
+        if HAS_B:
+            db += dy
+    if HAS_W:
+        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DB_PART + pid.to(tl.int64) * N + cols, db, mask=mask)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@ensure_contiguous
+def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, ln_bias,
+                        eps: float, p: float, seed: int):
+    """dropout(LayerNorm(word[word_ids] + position[pos_ids] + token_type[type_ids])).
+
+    ids: (M,) int32/int64, in range; word (V, N), position (P, N), token_type (T, N) any float dtype;
+    ln_weight, ln_bias: (N,) or None; N <= MAX_BERT_DIM. ``p`` = 0 means no dropout. Returns out
+    (M, N) in the tables' promoted dtype, and mean, rstd (M,) float32 (float64 for float64 tables).
+    """
+    M, N = word_ids.numel(), word.shape[1]
+    dtype = torch.promote_types(torch.promote_types(word.dtype, position.dtype), token_type.dtype)
+    out = torch.empty((M, N), dtype=dtype, device=word.device)
+    mean = torch.empty(M, dtype=_stats_dtype(dtype), device=word.device)
+    rstd = torch.empty(M, dtype=_stats_dtype(dtype), device=word.device)
+    if M == 0 or N == 0:
+        return out, mean, rstd
+    BLOCK_N = block_size(N)
+    _bert_embeddings_fwd_kernel[(M,)](
+        word_ids, pos_ids, type_ids, word, position, token_type,
+        ln_weight if ln_weight is not None else word, ln_bias if ln_bias is not None else word,
+        out, mean, rstd, N, eps, float(p), keep_scale(p), int(seed),
+        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, DROPOUT=p > 0.0,
+        ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
+    )
+    return out, mean, rstd
+
+
+@ensure_contiguous
+def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token_type, ln_weight,
+                        mean, rstd, p: float, seed: int, padding_idx: int | None,
+                        needs_grad: tuple[bool, bool, bool], ln_bias_dtype: torch.dtype | None):
+    """Gradients of :func:`bert_embeddings_fwd`.
+
+    dout: (M, N); the rest as passed to / returned by the forward; ``padding_idx``: the word row
+    that gets no gradient, or None; ``needs_grad``: which of word, position, token_type want one.
+    Returns d_word, d_position, d_token_type (each in its table's dtype, or None where not
+    needed), d_ln_weight (N,) in ln_weight's dtype or None, d_ln_bias (N,) in ``ln_bias_dtype`` or
+    None.
+    """
+    M, N = word_ids.numel(), word.shape[1]
+    has_w, has_b = ln_weight is not None, ln_bias_dtype is not None
+    device = word.device
+    ds = torch.empty((M, N), dtype=mean.dtype, device=device)
+    programs = num_programs(device, M)
+    rows_per_program = triton.cdiv(M, programs) if M else 0
+    programs = triton.cdiv(M, rows_per_program) if M else 0
+    dw_part = torch.zeros((programs, N) if has_w else (0,), dtype=mean.dtype, device=device)
+    db_part = torch.zeros((programs, N) if has_b else (0,), dtype=mean.dtype, device=device)
+    if M > 0 and N > 0:
+        BLOCK_N = block_size(N)
+        _bert_embeddings_bwd_kernel[(programs,)](
+            word_ids, pos_ids, type_ids, word, position, token_type,
+            ln_weight if has_w else word, mean, rstd, dout, ds, dw_part, db_part,
+            M, N, rows_per_program, float(p), keep_scale(p), int(seed),
+            HAS_W=has_w, HAS_B=has_b, DROPOUT=p > 0.0,
+            ACC=acc_dtype(mean.dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
+        )
+    d_ln_w = sum_partials(dw_part, ln_weight.dtype) if has_w else None
+    d_ln_b = sum_partials(db_part, ln_bias_dtype) if has_b else None
+
+    # One segment sum scatters ds into every table that wants a gradient, stacked row-wise: table
+    # t's rows start at offset[t] of the stacked gradient, its keys are ids + offset[t].
+    tables = [(word, word_ids), (position, pos_ids), (token_type, type_ids)]
+    wanted = [t for t, need in zip(tables, needs_grad) if need]
+    grads: list[torch.Tensor | None] = [None, None, None]
+    if not wanted:
+        return (*grads, d_ln_w, d_ln_b)
+    dtypes = {t.dtype for t, _ in wanted}
+    stack_dtype = dtypes.pop() if len(dtypes) == 1 else mean.dtype
+    stacked = torch.zeros((sum(t.shape[0] for t, _ in wanted), N), dtype=stack_dtype, device=device)
+    keys, offset = [], 0
+    for table, ids in wanted:
+        keys.append(ids.to(torch.int64) + offset)
+        offset += table.shape[0]
+    rows = torch.arange(M, device=device, dtype=torch.int64).repeat(len(wanted))
+    pad = padding_idx if padding_idx is not None and needs_grad[0] else -1  # word table comes first
+    _segment_sum_into(stacked, ds, torch.cat(keys), rows, pad, False)
+    start = 0
+    for i, need in enumerate(needs_grad):
+        if need:
+            table = tables[i][0]
+            grads[i] = stacked[start:start + table.shape[0]].to(table.dtype)
+            start += table.shape[0]
+    return (*grads, d_ln_w, d_ln_b)
