@@ -97,7 +97,17 @@ def test_generate_matches_a_greedy_loop(backend, device):
     assert model.generate(src, 3, bos_id=1).shape == (3, 4)  # no eos: exactly max_new_tokens
 
 
-def test_a_few_adam_steps_learn_to_copy(torch_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a shared CPU extra threads make
+    each of the many small steps wait (seconds instead of a fraction of one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_few_adam_steps_learn_to_copy(torch_path, one_thread):
     """Copy task: the target is the source; the loss must fall far below its start."""
     torch.manual_seed(0)
     model = Seq2SeqTransformer(src_vocab_size=12, tgt_vocab_size=12, d_model=32, nhead=4,
