@@ -102,3 +102,56 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     return RMSNormFunction.apply(input, weight, math.prod(shape), float(eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch normalisation
+# ---------------------------------------------------------------------------------------------
+
+def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    for name, t in (("input", input), ("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        check_floating(name, t)
+    check_same_device("input", {"input": input, "running_mean": running_mean,
+                                "running_var": running_var, "weight": weight, "bias": bias})
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C) or (N, C, *), got {list(input.shape)}")
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels "
+                             f"(dim 1) of input of shape {list(input.shape)}, got {list(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both be None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode "
+                         "(training=False)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float, got {momentum!r}")
+    if training:
+        values = input.shape[0] * math.prod(input.shape[2:])
+        if values == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+        if eps <= 0.0:
+            raise ValueError(f"eps must be positive during training, got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """Batch normalisation over every dim but the channels (dim 1) of an (N, C, *) input, as
+    ``torch.nn.functional.batch_norm``.
+
+    ``training=True`` normalises with the batch's mean and biased variance and, when the running
+    buffers are given, updates them in place: ``running = (1 - momentum) * running + momentum *
+    batch`` with the *unbiased* batch variance. ``training=False`` normalises with the running
+    buffers. fp16/bf16/fp32/fp64; statistics in float32 (fp64 for fp64); the output has the
+    input's dtype and memory format (channels_last stays channels_last).
+    """
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    backend.select("batch_norm", input, unsupported="the batch-norm kernels are not built yet")
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -2,11 +2,13 @@
 
 from .dropout import Dropout
 from .embedding import Embedding
-from .normalization import LayerNorm, RMSNorm
+from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 
 __all__ = [
     "LayerNorm",
     "RMSNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
     "Dropout",
     "Embedding",
 ]
