@@ -25,8 +25,11 @@ key tiles entirely right of a query tile are never loaded.
 
 Masks are read through their strides, broadcast to (B, H, L, S): a (B, 1, 1, S) padding mask has
 stride 0 on the head and row axes and costs S values per batch. Boolean masks keep True entries;
-float masks are added to the scores (a float mask's most negative finite values are clamped to
--1e38 so that they stay finite after the scaling by log2(e), as torch's arithmetic keeps them).
+float masks are added to the scores. Float-mask values below -1e38 (finfo(float32).min, as
+Hugging Face builds masks) are clamped to -1e38 so that they stay finite after the scaling by
+log2(e): a row masked throughout by such values averages V, as torch's arithmetic does. (Its
+gradient, recomputed from the logsumexp, then matches torch's fused kernels rather than an
+explicit softmax: at that magnitude log(row length) is below float32 resolution.)
 
 Dropout drops entries of the normalised probabilities P with a counter-based generator
 (``dropout_keep``) keyed by the seed and the int64 offset ``((b * H + h) * L + i) * S + j``, so the
@@ -80,20 +83,21 @@ MAX_HEAD_DIM = 256
 _FWD_CONFIGS = {
     # (head-dim class, bytes per element)
     (64, 2): [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)],
-    (128, 2): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
-    (256, 2): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (128, 2): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
+    (256, 2): [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
     (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
-    (128, 4): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (128, 4): [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
     (256, 4): [(32, 32, 4, 1), (64, 32, 8, 1), (64, 32, 4, 2)],
 }
-# dK/dV kernel: BLOCK_N key rows stay, BLOCK_M query rows stream.
+# dK/dV kernel: BLOCK_N key rows stay (with their fp32 dK, dV accumulators: 8 warps once D >= 128,
+# so they stay in registers), BLOCK_M query rows stream.
 _BWD_KV_CONFIGS = {
     (64, 2): [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    (256, 2): [(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)],
+    (128, 2): [(32, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3)],
+    (256, 2): [(32, 32, 8, 1), (32, 64, 8, 1), (64, 32, 8, 1)],
     (64, 4): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-    (128, 4): [(32, 32, 4, 2), (32, 64, 4, 1), (64, 64, 8, 1)],
-    (256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
+    (128, 4): [(32, 32, 8, 2), (32, 64, 8, 1), (64, 64, 8, 1)],
+    (256, 4): [(16, 32, 8, 1), (32, 32, 8, 1)],
 }
 # dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream.
 _BWD_Q_CONFIGS = {

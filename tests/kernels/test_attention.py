@@ -153,6 +153,23 @@ def test_float_mask_gradient_gqa_fp16(backend, device):
     _check([*_qkv(1, 4, 20, 33, 16, torch.float16, device, H_kv=2), mask], torch.float16, enable_gqa=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_float_mask_of_dtype_minimum(backend, device, dtype):
+    """Masks built from finfo(dtype).min (as Hugging Face builds them) stay finite: masked keys get
+    no weight, and a row masked that way throughout averages V, as torch's arithmetic does
+    (instead of returning 0 like a -inf or bool row)."""
+    mask = torch.zeros(1, 2, 23, 31, device=device)
+    mask[..., :, 7:12] = torch.finfo(dtype).min
+    q, k, v = _qkv(1, 2, 23, 31, 32, dtype, device)
+    _check([q, k, v, mask.to(dtype)], dtype)
+    mask[..., 4, :] = torch.finfo(dtype).min
+    if dtype == torch.float16:  # -65504 does not swamp the scores: an ordinary softmax row
+        _check([t.detach().requires_grad_() for t in (q, k, v)] + [mask.to(dtype)], dtype)
+        return
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close("row masked by min", out[..., 4, :], v.double().mean(-2), rtol=1e-5)
+
+
 def test_fully_masked_rows_match_torch(backend, device):
     """torch (2.13) returns 0 for a fully masked row, bool or -inf float, and gives it zero gradient;
     so does fastdl, on every path, with no NaN anywhere."""
