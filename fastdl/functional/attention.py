@@ -7,7 +7,7 @@ FlashAttention-style forward that saves only the output and one logsumexp per ro
 that recomputes the scores tile by tile.
 
 Semantics that differ from a naive softmax: rows whose keys are all masked out return 0 and get
-zero gradient (torch's math path does the same since 2.5), never NaN.
+zero gradient (as torch 2.13's math path does), never NaN.
 
 Calls the kernel cannot take run on the torch path under ``FASTDL_BACKEND=auto`` and raise
 :class:`fastdl.backend.BackendError` under a forced kernel backend; :func:`_unsupported` lists

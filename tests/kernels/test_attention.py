@@ -128,6 +128,20 @@ def test_bool_mask(backend, device, mask_shape, dtype):
     _check([*_qkv(2, 3, 35, 47, 32, dtype, device), mask], dtype)
 
 
+def test_masks_are_read_through_strides(backend, device):
+    """A (B, 1, 1, S) padding mask reaches the kernel as itself, stride 0 on the head and row
+    axes (S values per batch, nothing expanded); a transposed float mask with a gradient works."""
+    q, k, v = _qkv(2, 3, 35, 47, 32, torch.float32, device)
+    if backend != "torch":
+        attention = fastdl.backend.kernels("attention")
+        padding = _bool_mask((2, 1, 1, 47), device)
+        ptr, strides, kind = attention._mask_arg(padding, q, 47)
+        assert ptr.data_ptr() == padding.data_ptr() and strides == (47, 0, 0, 1)
+        assert kind == attention.MASK_BOOL
+    bias = torch.randn(3, 47, 35, device=device).transpose(1, 2).requires_grad_()
+    _check([q, k, v, bias], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
 def test_float_mask(backend, device, mask_shape, dtype):
