@@ -81,7 +81,7 @@ def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty((M, N), dtype=weight.dtype, device=weight.device)
     if M == 0 or N == 0:
         return out
-    BLOCK_N = min(triton.next_power_of_2(N), 1024)
+    BLOCK_N = min(block_size(N), 1024)
     BLOCK_M = min(max(1, GATHER_TILE // BLOCK_N), triton.next_power_of_2(M))
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _gather_kernel[grid](idx, weight, out, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

@@ -11,7 +11,13 @@ row's gradient divided by how often it occurs in the batch) and ``sparse`` (a sp
 
 Every backend checks the indices first: an index outside ``[0, num_embeddings)`` raises IndexError
 naming it (a GPU gather would otherwise read out of bounds silently), a non-integer index tensor
-raises TypeError.
+raises TypeError. That check costs one min/max reduction and one host sync per index tensor.
+
+Weight gradients on the kernel path are always computed deterministically (the default, and the
+only path): the launcher sorts the indices and one program sums each run of equal indices in a
+fixed order (see ``fastdl.kernels.embedding``). A float-atomic scatter would change the result
+from run to run and cannot run in fp16 under Triton's interpreter; the sort costs little next to
+the rows moved. Double backward is not supported on the kernel path.
 """
 
 from __future__ import annotations
@@ -141,7 +147,11 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
 
     input: int64/int32 indices of any shape (0-d and empty included); weight: (V, D)
     fp16/bf16/fp32/fp64. Returns ``input.shape + (D,)`` in weight's dtype. With ``max_norm`` the
-    rows looked up are renormalised in place in ``weight`` first, as torch does.
+    rows looked up are renormalised in place in ``weight`` first, as torch does
+    (``torch.embedding_renorm_`` under no_grad). The dense weight gradient is bitwise reproducible
+    (sort + segment sum, no atomics); ``sparse=True`` gives a sparse COO gradient built from the
+    indices and output-gradient rows, as torch's (with ``scale_grad_by_freq`` its backward raises,
+    as torch's does).
     """
     _check_weight("weight", weight)
     _check_indices("input", input, weight.shape[0], "weight")

@@ -86,6 +86,18 @@ def test_broadcast_position_ids_int32_and_optional_affine(backend, device):
              [word, position, token_type, ln_b])
 
 
+def test_mixed_table_dtypes(backend, device):
+    """fp16 position / token-type tables beside an fp32 word table: the sum and output are fp32,
+    each table's gradient comes back in its own dtype."""
+    ids, type_ids, pos_ids = _ids(2, 7, 30, 2, device)
+    word, position, token_type, ln_w, ln_b = _tables(30, 7, 2, 33, torch.float32, device)
+    position, token_type = (t.detach().half().requires_grad_() for t in (position, token_type))
+    check_op(lambda *t: F.bert_embeddings(ids, type_ids, pos_ids, *t, EPS, 0.0, True),
+             lambda *t: ref_bert_embeddings(ids, type_ids, pos_ids, *t),
+             [word, position, token_type, ln_w, ln_b])
+    assert position.grad.dtype == torch.float16 and word.grad.dtype == torch.float32
+
+
 def test_frozen_tables_get_no_gradient(backend, device):
     ids, type_ids, pos_ids = _ids(2, 5, 20, 2, device)
     word, position, token_type, ln_w, ln_b = _tables(20, 8, 2, 16, torch.float32, device)
