@@ -137,7 +137,7 @@ def measure_ceilings(timer: Timer, device: str, quick: bool) -> dict[str, Any]:
         copy_elems, copy_dtype = 2**29, torch.bfloat16             # 1 GiB each way
         mm_n, mm_dtype = (4096 if quick else 8192), torch.bfloat16
     else:
-        copy_elems, copy_dtype = (2**22 if quick else 2**25), torch.float32
+        copy_elems, copy_dtype = (2**24 if quick else 2**26), torch.float32
         mm_n, mm_dtype = (512 if quick else 2048), torch.float32
 
     def time_copy() -> float:
