@@ -1,8 +1,16 @@
 """Drop-in replacements for ``torch.nn`` modules: same constructors, parameters and state_dict."""
 
+from .attention import MultiheadAttention
 from .dropout import Dropout
 from .embedding import Embedding
 from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
+from .transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
 __all__ = [
     "LayerNorm",
@@ -11,4 +19,10 @@ __all__ = [
     "BatchNorm2d",
     "Dropout",
     "Embedding",
+    "MultiheadAttention",
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "Transformer",
 ]
