@@ -108,6 +108,36 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
 # Batch normalisation
 # ---------------------------------------------------------------------------------------------
 
+# Input dtypes the batch-norm kernels load and store.
+_BATCH_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = BatchNorm(x) on the kernel path, x: (N, C, *) in any memory format. Updates the running
+    buffers in place in training (they are not differentiable inputs)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, momentum: float,
+                eps: float):
+        y, mean, rstd = backend.kernels("batch_norm").batch_norm_fwd(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx, dw, db = backend.kernels("batch_norm").batch_norm_bwd(
+            dy, x, weight, mean, rstd, ctx.training, need_w or need_b)
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(ctx.bias_dtype) if need_b else None
+        return dx, dw, db, None, None, None, None, None
+
+
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
     for name, t in (("input", input), ("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -153,5 +183,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     input's dtype and memory format (channels_last stays channels_last).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    backend.select("batch_norm", input, unsupported="the batch-norm kernels are not built yet")
-    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    unsupported = None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
+    if backend.select("batch_norm", input, unsupported=unsupported) == "torch":
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                   float(momentum), float(eps))

@@ -1,0 +1,391 @@
+"""Batch normalisation over the batch and spatial dims of an (N, C, *) tensor, per channel.
+
+The input is viewed as X (N, C, S), S = prod(spatial dims), with explicit strides, so contiguous,
+channels_last and transposed-(N, L, C) layouts are read in place; the reduction runs over the
+R = N * S elements of each channel, indexed r = n * S + s. Everything is float32 (float64 for
+float64 inputs) inside; outputs are in the input's dtype.
+
+Training forward, three launches::
+
+    1. stats     grid (G, C / BLOCK_C): each program reduces a contiguous run of r for a block of
+                 channels to a partial (count, mean, M2), tile by tile: the tile's own mean and
+                 M2 are exact two-pass values from registers, merged into the running partial
+                 with Chan's parallel formula  delta = mean_b - mean_a,
+                 mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+    2. finalize  grid (C / BLOCK_C): merges the G partials of a channel in a fixed order (no float
+                 atomics: bitwise reproducible), var = M2 / R, rstd = 1 / sqrt(var + eps), and
+                 updates the running buffers in place:
+                 running_mean = (1 - momentum) * running_mean + momentum * mean
+                 running_var  = (1 - momentum) * running_var  + momentum * M2 / (R - 1)
+    3. apply     grid (R / BLOCK_R, C / BLOCK_C):  y = ((x - pivot) - mean) * rstd * w + b
+
+Every statistic is taken of x - pivot, where the pivot is the channel's first element x[0, c, 0]:
+for values close to each other that subtraction is exact, so a large common offset (|mean| >>
+std) never enters a float32 sum, and the centred value x - mean keeps its digits in the apply
+and backward passes too (mean itself rounded to float32 would be off by ulp(mean) ~ std).
+Saved for the backward: ``mean`` (of x - pivot) and ``rstd``, each (C,); the pivot is re-read
+from x. Evaluation uses the running buffers instead (mean = running_mean, pivot = 0).
+
+Backward. With xhat = (x - mean) * rstd::
+
+    dweight = sum_r(dy * xhat),   dbias = sum_r(dy)
+    training:  dx = w * rstd * (dy - dbias / R - xhat * dweight / R)
+    eval:      dx = w * rstd * dy
+
+The two sums are per-program partial rows (G, C) added by ``sum_partials`` in a fixed order,
+then a second elementwise launch writes dx.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import acc_dtype, num_programs, num_warps_for, sum_partials
+
+# Elements in one [BLOCK_R, BLOCK_C] tile.
+TILE_ELEMENTS = 4096
+
+
+@triton.jit
+def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
+    """int64 element offsets of the [BLOCK_R, BLOCK_C] tile at reduction indices ``rows`` (r = n * S
+    + s) and channels ``cols`` of an (N, C, S) strided tensor."""
+    n = rows // S
+    s = rows - n * S
+    row_off = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
+    return row_off[:, None] + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _bn_stats_kernel(
+    X, PART_MEAN, PART_M2,  # X: (N, C, S) strided; PART_*: (G, C) float32/64
+    C, S, R, rows_per_program, stride_n, stride_c, stride_s,
+    IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    pivot = tl.load(X + cols.to(tl.int64) * stride_c, mask=col_mask, other=0.0).to(ACC)
+    row0 = pid_r.to(IDX) * rows_per_program
+    num_rows = tl.minimum(rows_per_program, R - row0)
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for start in range(0, num_rows, BLOCK_R):
+        rows = row0 + start + tl.arange(0, BLOCK_R)
+        row_mask = rows < row0 + num_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s), mask=mask, other=0.0)
+        xs = tl.where(mask, x.to(ACC) - pivot[None, :], 0.0)
+        # The tile's exact statistics, then Chan's merge into this program's running partial.
+        n_b = tl.sum(row_mask.to(ACC), axis=0)
+        mean_b = tl.sum(xs, axis=0) / n_b
+        d = tl.where(mask, xs - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    part = pid_r.to(tl.int64) * C + cols
+    tl.store(PART_MEAN + part, mean, mask=col_mask)
+    tl.store(PART_M2 + part, m2, mask=col_mask)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    X, PART_MEAN, PART_M2, MEAN, RSTD, RUNNING_MEAN, RUNNING_VAR,  # MEAN, RSTD: (C,) float32/64
+    C, R, G, rows_per_program, last_count, stride_c, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Partials merged in program order: the result does not depend on scheduling.
+    for g in range(0, G):
+        n_b = tl.where(g == G - 1, last_count, rows_per_program).to(ACC)
+        mean_b = tl.load(PART_MEAN + g * C + cols, mask=col_mask, other=0.0)
+        m2_b = tl.load(PART_M2 + g * C + cols, mask=col_mask, other=0.0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(m2 / R + eps)
+    tl.store(MEAN + cols, mean, mask=col_mask)
+    tl.store(RSTD + cols, rstd, mask=col_mask)
+    if UPDATE_RUNNING:
+        pivot = tl.load(X + cols.to(tl.int64) * stride_c, mask=col_mask, other=0.0).to(ACC)
+        running_mean = tl.load(RUNNING_MEAN + cols, mask=col_mask, other=0.0).to(ACC)
+        running_var = tl.load(RUNNING_VAR + cols, mask=col_mask, other=0.0).to(ACC)
+        running_mean = momentum * (pivot + mean) + (1.0 - momentum) * running_mean
+        running_var = momentum * (m2 / (R - 1)) + (1.0 - momentum) * running_var  # unbiased
+        tl.store(RUNNING_MEAN + cols, running_mean.to(RUNNING_MEAN.dtype.element_ty), mask=col_mask)
+        tl.store(RUNNING_VAR + cols, running_var.to(RUNNING_VAR.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _bn_running_stats_kernel(
+    RUNNING_MEAN, RUNNING_VAR, MEAN, RSTD, C, eps,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Evaluation: mean and rstd (C,) in the accumulation type from the running buffers."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    var = tl.load(RUNNING_VAR + cols, mask=col_mask, other=1.0).to(ACC)
+    tl.store(MEAN + cols, tl.load(RUNNING_MEAN + cols, mask=col_mask, other=0.0).to(ACC), mask=col_mask)
+    tl.store(RSTD + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)
+
+
+@triton.jit
+def _bn_apply_kernel(
+    X, Y, MEAN, RSTD, W, B,  # X, Y: (N, C, S) strided; MEAN, RSTD, W, B: (C,)
+    C, S, R, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    SHIFTED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
+    if SHIFTED:
+        pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
+    else:
+        pivot = tl.zeros([BLOCK_C], dtype=ACC)
+    scale = tl.load(RSTD + cols, mask=col_mask, other=0.0)
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
+    y = ((x.to(ACC) - pivot[None, :]) - mean[None, :]) * scale[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    tl.store(Y + _tile_offsets(rows, cols, S, stride_yn, stride_yc, stride_ys), y, mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    X, DY, MEAN, RSTD, PART_DY, PART_DYXHAT,  # PART_*: (G, C) float32/64
+    C, S, R, rows_per_program, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
+    SHIFTED: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
+    if SHIFTED:
+        pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
+    else:
+        pivot = tl.zeros([BLOCK_C], dtype=ACC)
+    rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
+    row0 = pid_r.to(IDX) * rows_per_program
+    num_rows = tl.minimum(rows_per_program, R - row0)
+    sum_dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    sum_dyxc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for start in range(0, num_rows, BLOCK_R):
+        rows = row0 + start + tl.arange(0, BLOCK_R)
+        mask = (rows < row0 + num_rows)[:, None] & col_mask[None, :]
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
+        dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds), mask=mask,
+                     other=0.0).to(ACC)
+        xc = tl.where(mask, (x.to(ACC) - pivot[None, :]) - mean[None, :], 0.0)
+        sum_dy += dy
+        sum_dyxc += dy * xc
+    part = pid_r.to(tl.int64) * C + cols
+    tl.store(PART_DY + part, tl.sum(sum_dy, axis=0), mask=col_mask)
+    tl.store(PART_DYXHAT + part, tl.sum(sum_dyxc, axis=0) * rstd, mask=col_mask)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    X, DY, DX, MEAN, RSTD, W, SUM_DY, SUM_DYXHAT,  # SUM_*: (C,) float32/64 (training only)
+    C, S, R, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
+    stride_gn, stride_gc, stride_gs,
+    TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+    IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds), mask=mask,
+                 other=0.0).to(ACC)
+    if TRAINING:
+        mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
+        pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
+        mean_dy = tl.load(SUM_DY + cols, mask=col_mask, other=0.0) / R
+        mean_dyxhat = tl.load(SUM_DYXHAT + cols, mask=col_mask, other=0.0) / R
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
+        xhat = ((x.to(ACC) - pivot[None, :]) - mean[None, :]) * rstd[None, :]
+        dx = (dy - mean_dy[None, :] - xhat * mean_dyxhat[None, :]) * scale[None, :]
+    else:
+        dx = dy * scale[None, :]
+    tl.store(DX + _tile_offsets(rows, cols, S, stride_gn, stride_gc, stride_gs), dx, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) as (N, C, S): a view whenever the spatial dims can be merged (contiguous,
+    channels_last, (N, L, C)-transposed), otherwise a contiguous copy."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
+    """An output in the memory format torch's batch_norm gives: channels_last for a channels_last
+    input, contiguous otherwise (so it can always be viewed as (N, C, S))."""
+    fmt = torch.contiguous_format
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            fmt = torch.channels_last
+        elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            fmt = torch.channels_last_3d
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _blocks(x3: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): wide in channels when channels are the fastest-moving dim (channels_last,
+    (N, C) input), so that loads are coalesced either way."""
+    N, C, S = x3.shape
+    R = N * S
+    channels_fastest = x3.stride(1) == 1 and (S == 1 or x3.stride(2) >= C)
+    max_c = 64 if channels_fastest else 4
+    block_c = max(2, min(triton.next_power_of_2(C), max_c))
+    block_r = max(16, min(triton.next_power_of_2(R), TILE_ELEMENTS // block_c))
+    return block_r, block_c
+
+
+def _split(x3: torch.Tensor, block_r: int, block_c: int) -> tuple[int, int]:
+    """(programs G along r, rows per program): enough programs to fill the device, each taking a
+    whole number of tiles."""
+    N, C, S = x3.shape
+    R = N * S
+    c_blocks = triton.cdiv(C, block_c)
+    target = num_programs(x3.device, 1 << 30)
+    tiles = triton.cdiv(R, block_r)
+    programs = max(1, min(tiles, triton.cdiv(target, c_blocks)))
+    rows_per_program = triton.cdiv(tiles, programs) * block_r
+    return triton.cdiv(R, rows_per_program), rows_per_program
+
+
+def _index_dtype(R: int, block_r: int):
+    return tl.int64 if R + block_r >= 2**31 else tl.int32
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
+                   eps: float):
+    """Batch norm of x (N, C, *) fp16/bf16/fp32/fp64, any strides; weight, bias: (C,) or None.
+
+    ``training``: batch statistics, and the running buffers (C,) -- when given -- are updated in
+    place. Otherwise the running buffers normalise. Returns y (same shape and dtype as x,
+    channels_last if x is), and mean, rstd (C,) in float32 (float64 for float64 x) for
+    :func:`batch_norm_bwd` (in training the mean is relative to the pivot x[0, c, 0]).
+    """
+    N, C = x.shape[0], x.shape[1]
+    x3 = _as_3d(x)
+    S = x3.shape[2]
+    R = N * S
+    y = _empty_like_input(x)
+    y3 = y.view(N, C, S)
+    stats = _stats_dtype(x)
+    mean = torch.zeros(C, dtype=stats, device=x.device)
+    rstd = torch.zeros(C, dtype=stats, device=x.device)
+    if R == 0 or C == 0:  # as torch: nothing to normalise, running buffers untouched
+        return y, mean, rstd
+    ACC = acc_dtype(x.dtype)
+    BLOCK_R, BLOCK_C = _blocks(x3)
+    IDX = _index_dtype(R, BLOCK_R)
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    if training:
+        G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
+        part_mean = torch.empty((G, C), dtype=stats, device=x.device)
+        part_m2 = torch.empty((G, C), dtype=stats, device=x.device)
+        _bn_stats_kernel[(G, c_blocks)](
+            x3, part_mean, part_m2, C, S, R, rows_per_program, *x3.stride(),
+            IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            num_warps=num_warps_for(BLOCK_R * BLOCK_C))
+        update = running_mean is not None
+        # Running buffers are updated through contiguous storage; copied back if they were views.
+        rm = running_mean.contiguous() if update else mean
+        rv = running_var.contiguous() if update else rstd
+        FIN_C = 128
+        _bn_finalize_kernel[(triton.cdiv(C, FIN_C),)](
+            x3, part_mean, part_m2, mean, rstd, rm, rv,
+            C, R, G, rows_per_program, R - (G - 1) * rows_per_program, x3.stride(1),
+            float(momentum), float(eps), UPDATE_RUNNING=update, ACC=ACC, BLOCK_C=FIN_C)
+        if update and rm.data_ptr() != running_mean.data_ptr():
+            running_mean.copy_(rm)
+        if update and rv.data_ptr() != running_var.data_ptr():
+            running_var.copy_(rv)
+    else:
+        FIN_C = 128
+        _bn_running_stats_kernel[(triton.cdiv(C, FIN_C),)](
+            running_mean.contiguous(), running_var.contiguous(), mean, rstd, C, float(eps),
+            ACC=ACC, BLOCK_C=FIN_C)
+    _bn_apply_kernel[(triton.cdiv(R, BLOCK_R), c_blocks)](
+        x3, y3, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        C, S, R, *x3.stride(), *y3.stride(),
+        SHIFTED=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        num_warps=num_warps_for(BLOCK_R * BLOCK_C))
+    return y, mean, rstd
+
+
+def batch_norm_bwd(dy, x, weight, mean, rstd, training: bool, need_param_grads: bool):
+    """Gradients of :func:`batch_norm_fwd`. dy, x: (N, C, *) any strides; weight (C,) or None;
+    mean, rstd from the forward (``training`` as there).
+
+    Returns dx (x's shape and dtype, channels_last if x is), and dweight = sum(dy * xhat) and
+    dbias = sum(dy), each (C,) in float32 (float64 for float64 x) -- or None, None when
+    ``need_param_grads`` is False and they are not needed for dx (evaluation).
+    """
+    N, C = x.shape[0], x.shape[1]
+    x3, dy3 = _as_3d(x), _as_3d(dy)
+    S = x3.shape[2]
+    R = N * S
+    dx = _empty_like_input(x)
+    dx3 = dx.view(N, C, S)
+    # The two channel sums are needed for dx in training, and for the parameter gradients.
+    reduce = training or need_param_grads
+    sum_dy = torch.zeros(C, dtype=mean.dtype, device=x.device)
+    sum_dyxhat = torch.zeros(C, dtype=mean.dtype, device=x.device)
+    if R == 0 or C == 0:
+        return (dx, sum_dyxhat, sum_dy) if need_param_grads else (dx, None, None)
+    ACC = acc_dtype(x.dtype)
+    BLOCK_R, BLOCK_C = _blocks(x3)
+    IDX = _index_dtype(R, BLOCK_R)
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    warps = num_warps_for(BLOCK_R * BLOCK_C)
+    if reduce:
+        G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
+        part_dy = torch.empty((G, C), dtype=mean.dtype, device=x.device)
+        part_dyxhat = torch.empty((G, C), dtype=mean.dtype, device=x.device)
+        _bn_bwd_reduce_kernel[(G, c_blocks)](
+            x3, dy3, mean, rstd, part_dy, part_dyxhat, C, S, R, rows_per_program,
+            *x3.stride(), *dy3.stride(),
+            SHIFTED=training, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+        sum_dy = sum_partials(part_dy, mean.dtype)
+        sum_dyxhat = sum_partials(part_dyxhat, mean.dtype)
+    _bn_bwd_dx_kernel[(triton.cdiv(R, BLOCK_R), c_blocks)](
+        x3, dy3, dx3, mean, rstd, weight if weight is not None else mean, sum_dy, sum_dyxhat,
+        C, S, R, *x3.stride(), *dy3.stride(), *dx3.stride(),
+        TRAINING=training, HAS_W=weight is not None,
+        IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    return (dx, sum_dyxhat, sum_dy) if need_param_grads else (dx, None, None)
