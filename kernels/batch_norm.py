@@ -46,18 +46,21 @@ import triton.language as tl
 
 from .utils import acc_dtype, num_programs, num_warps_for, sum_partials
 
-# Elements in one [BLOCK_R, BLOCK_C] tile.
+# Elements in one [BLOCK_C, BLOCK_R] tile. Channels are the first tile dim and r the last: with r
+# offsets built by div/mod Triton cannot prove their contiguity and keeps its default (last dim
+# fastest across threads), which coalesces (N, C, S) layouts; a channels_last tensor's channel
+# stride of 1 is specialised at launch, and that proven contiguity makes channels fastest there.
 TILE_ELEMENTS = 4096
 
 
 @triton.jit
 def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
-    """int64 element offsets of the [BLOCK_R, BLOCK_C] tile at reduction indices ``rows`` (r = n * S
+    """int64 element offsets of the [BLOCK_C, BLOCK_R] tile at reduction indices ``rows`` (r = n * S
     + s) and channels ``cols`` of an (N, C, S) strided tensor."""
     n = rows // S
     s = rows - n * S
     row_off = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
-    return row_off[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    return cols.to(tl.int64)[:, None] * stride_c + row_off[None, :]
 
 
 @triton.jit
@@ -78,14 +81,14 @@ def _bn_stats_kernel(
     for start in range(0, num_rows, BLOCK_R):
         rows = row0 + start + tl.arange(0, BLOCK_R)
         row_mask = rows < row0 + num_rows
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = col_mask[:, None] & row_mask[None, :]
         x = tl.load(X + _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s), mask=mask, other=0.0)
-        xs = tl.where(mask, x.to(ACC) - pivot[None, :], 0.0)
+        xs = tl.where(mask, x.to(ACC) - pivot[:, None], 0.0)
         # The tile's exact statistics, then Chan's merge into this program's running partial.
         n_b = tl.sum(row_mask.to(ACC), axis=0)
-        mean_b = tl.sum(xs, axis=0) / n_b
-        d = tl.where(mask, xs - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
+        mean_b = tl.sum(xs, axis=1) / n_b
+        d = tl.where(mask, xs - mean_b[:, None], 0.0)
+        m2_b = tl.sum(d * d, axis=1)
         total = count + n_b
         delta = mean_b - mean
         mean += delta * (n_b / total)
@@ -153,7 +156,7 @@ def _bn_apply_kernel(
     rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = (rows < R)[:, None] & col_mask[None, :]
+    mask = col_mask[:, None] & (rows < R)[None, :]
     mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
     if SHIFTED:
         pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
@@ -163,9 +166,9 @@ def _bn_apply_kernel(
     if HAS_W:
         scale = scale * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
     x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
-    y = ((x.to(ACC) - pivot[None, :]) - mean[None, :]) * scale[None, :]
+    y = ((x.to(ACC) - pivot[:, None]) - mean[:, None]) * scale[:, None]
     if HAS_B:
-        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[:, None]
     tl.store(Y + _tile_offsets(rows, cols, S, stride_yn, stride_yc, stride_ys), y, mask=mask)
 
 
@@ -187,20 +190,20 @@ def _bn_bwd_reduce_kernel(
     rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
     row0 = pid_r.to(IDX) * rows_per_program
     num_rows = tl.minimum(rows_per_program, R - row0)
-    sum_dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    sum_dyxc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    sum_dy = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    sum_dyxc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     for start in range(0, num_rows, BLOCK_R):
         rows = row0 + start + tl.arange(0, BLOCK_R)
-        mask = (rows < row0 + num_rows)[:, None] & col_mask[None, :]
+        mask = col_mask[:, None] & (rows < row0 + num_rows)[None, :]
         x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
         dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds), mask=mask,
                      other=0.0).to(ACC)
-        xc = tl.where(mask, (x.to(ACC) - pivot[None, :]) - mean[None, :], 0.0)
+        xc = tl.where(mask, (x.to(ACC) - pivot[:, None]) - mean[:, None], 0.0)
         sum_dy += dy
         sum_dyxc += dy * xc
     part = pid_r.to(tl.int64) * C + cols
-    tl.store(PART_DY + part, tl.sum(sum_dy, axis=0), mask=col_mask)
-    tl.store(PART_DYXHAT + part, tl.sum(sum_dyxc, axis=0) * rstd, mask=col_mask)
+    tl.store(PART_DY + part, tl.sum(sum_dy, axis=1), mask=col_mask)
+    tl.store(PART_DYXHAT + part, tl.sum(sum_dyxc, axis=1) * rstd, mask=col_mask)
 
 
 @triton.jit
@@ -214,7 +217,7 @@ def _bn_bwd_dx_kernel(
     rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = (rows < R)[:, None] & col_mask[None, :]
+    mask = col_mask[:, None] & (rows < R)[None, :]
     rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
     scale = rstd
     if HAS_W:
@@ -227,10 +230,10 @@ def _bn_bwd_dx_kernel(
         mean_dy = tl.load(SUM_DY + cols, mask=col_mask, other=0.0) / R
         mean_dyxhat = tl.load(SUM_DYXHAT + cols, mask=col_mask, other=0.0) / R
         x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
-        xhat = ((x.to(ACC) - pivot[None, :]) - mean[None, :]) * rstd[None, :]
-        dx = (dy - mean_dy[None, :] - xhat * mean_dyxhat[None, :]) * scale[None, :]
+        xhat = ((x.to(ACC) - pivot[:, None]) - mean[:, None]) * rstd[:, None]
+        dx = (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None]) * scale[:, None]
     else:
-        dx = dy * scale[None, :]
+        dx = dy * scale[:, None]
     tl.store(DX + _tile_offsets(rows, cols, S, stride_gn, stride_gc, stride_gs), dx, mask=mask)
 
 
@@ -257,8 +260,8 @@ def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(x3: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C): wide in channels when channels are the fastest-moving dim (channels_last,
-    (N, C) input), so that loads are coalesced either way."""
+    """(BLOCK_R, BLOCK_C): wide in channels when channels are the fastest-moving dim in memory
+    (channels_last, (N, C) input), long in r otherwise, so a warp reads contiguous runs either way."""
     N, C, S = x3.shape
     R = N * S
     channels_fastest = x3.stride(1) == 1 and (S == 1 or x3.stride(2) >= C)

@@ -223,7 +223,7 @@ def test_broadcast_output_gradient(backend, device):
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(backend, device, training):
     """float64 runs the kernels with float64 statistics, so gradcheck proves the backward."""
-    x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     rm = torch.randn(2, dtype=torch.float64, device=device)
