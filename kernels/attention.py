@@ -64,11 +64,11 @@ import triton.language as tl
 
 from .utils import autotune, dropout_keep
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Float-mask values are clamped to this before the log2(e) scaling, so finfo(float32).min stays
 # finite (it would overflow to -inf): an all-"min" row then averages V as torch's math does.
-MASK_FLOOR: tl.constexpr = -1.0e38
+MASK_FLOOR = tl.constexpr(-1.0e38)
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 MAX_HEAD_DIM = 256
