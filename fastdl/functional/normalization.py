@@ -1,9 +1,11 @@
-"""Normalisation layers: ``layer_norm`` and ``rms_norm`` (torch.nn.functional signatures).
+"""Normalisation layers: ``layer_norm``, ``rms_norm`` and ``batch_norm`` (torch.nn.functional
+signatures).
 
 Each public function checks its arguments, asks :mod:`fastdl.backend` which path runs, and either
 calls PyTorch (``torch`` backend) or an autograd Function around the launchers in
-``fastdl.kernels.layer_norm`` (``triton`` / ``interpret``). The Functions save the input, the
-weight and the per-row statistics; double backward is not supported on the kernel path.
+``fastdl.kernels.layer_norm`` / ``fastdl.kernels.batch_norm`` (``triton`` / ``interpret``). The
+Functions save the input, the weight and the per-row (per-channel for batch norm) statistics;
+double backward is not supported on the kernel path.
 """
 
 from __future__ import annotations
