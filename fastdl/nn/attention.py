@@ -41,7 +41,7 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, *,
+def sdpa_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, *,
                 batch: int, num_heads: int, tgt_len: int, src_len: int, extra_keys: int,
                 dtype: torch.dtype) -> torch.Tensor | None:
     """MHA's two masks as one SDPA mask that broadcasts to (batch, num_heads, tgt_len, S').
@@ -204,7 +204,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
             extra += 1
 
-        mask = merge_masks(attn_mask, key_padding_mask, batch=batch, num_heads=heads, tgt_len=tgt_len,
+        mask = sdpa_mask(attn_mask, key_padding_mask, batch=batch, num_heads=heads, tgt_len=tgt_len,
                            src_len=src_len, extra_keys=extra, dtype=q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
