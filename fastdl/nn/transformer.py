@@ -97,8 +97,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` on fastdl's attention, fused dropout + residual +
     LayerNorm, and dropout kernels (see the module docstring).
 
-    torch's inference fast path (``torch._transformer_encoder_layer_fwd``) is never taken; this
-    layer computes the same function in every mode.
+    torch's inference fast path (``torch._transformer_encoder_layer_fwd``) is not taken: this
+    layer computes the same function in every mode. The one exception is a nested tensor, which
+    only ``torch.nn.TransformerEncoder``'s inference path produces (fastdl's encoder never does);
+    it goes to torch's own forward.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -109,6 +111,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """src (S, N, E), (N, S, E) with ``batch_first``, or (S, E); masks as
         ``torch.nn.MultiheadAttention``'s ``attn_mask`` and ``key_padding_mask``."""
+        if src.is_nested:  # only torch.nn.TransformerEncoder's inference path makes these
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
             x_sa = self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)

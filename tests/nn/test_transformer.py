@@ -20,7 +20,8 @@ import fastdl
 RTOL = 2e-4
 # torch's reference modules warn about mixed bool/float masks and about their nested-tensor path.
 pytestmark = [pytest.mark.filterwarnings("ignore:Support for mismatched"),
-              pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")]
+              pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+              pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")]
 D, FF, N, S, T = 32, 40, 2, 6, 5
 
 
@@ -274,6 +275,18 @@ def test_nested_tensor_option_accepted_not_used(torch_path):
     with torch.no_grad():
         out = encoder(x, src_key_padding_mask=_kpm(S, "cpu"))
     assert out[1, -1].abs().sum() > 0
+
+
+def test_layers_inside_torch_encoder(torch_path):
+    """fastdl layers in torch.nn.TransformerEncoder, whose inference path nests a padded batch:
+    the same output as torch's layers."""
+    ours = torch.nn.TransformerEncoder(fastdl.nn.TransformerEncoderLayer(D, 2, FF, 0.0, batch_first=True), 2)
+    ref = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(D, 2, FF, 0.0, batch_first=True), 2)
+    ref.load_state_dict(ours.state_dict())
+    x, pad = _seq(S, True, "cpu"), _kpm(S, "cpu")
+    with torch.no_grad():
+        assert_close("output", ours.eval()(x, src_key_padding_mask=pad),
+                     ref.eval()(x, src_key_padding_mask=pad).double(), rtol=1e-6)
 
 
 def test_mask_errors(torch_path):
