@@ -117,8 +117,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     Differences from torch: a query row whose keys are all masked returns the output projection's
     bias (its attention output is 0, and its weights are 0) rather than NaN; torch's inference
-    fast path and nested tensors are not used. Bad shapes raise ``ValueError`` and bad mask dtypes
-    ``TypeError`` (torch raises ``AssertionError``/``RuntimeError``).
+    fast path and nested tensors are not used. Bad shapes and ``is_causal=True`` without
+    ``attn_mask`` raise ``ValueError``, bad mask dtypes ``TypeError`` (torch raises
+    ``AssertionError``/``RuntimeError``).
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
