@@ -23,7 +23,8 @@ What it does:
    ``<out>/<gpu>-<date>.md`` (the tables in markdown, to paste into benchmarks/README.md) and
    ``<out>/<gpu>-<date>.png`` (throughput against size, one panel per op and mode; skipped with
    a message when matplotlib is not importable). The JSON and markdown are rewritten after every
-   case, so an interrupted run keeps what it measured.
+   case, so an interrupted run keeps what it measured; on SIGTERM (``timeout``) the runner stops
+timing, writes all three files and exits with status 3.
 
 An op whose fastdl function has not landed is reported "not available"; an implementation that
 fails (out of memory, unsupported shape, a missing peer) is recorded with its reason and the run
@@ -40,6 +41,7 @@ import json
 import math
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -439,6 +441,15 @@ def write(report: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
 # Main
 # ---------------------------------------------------------------------------------------------
 
+class Stopped(BaseException):
+    """SIGTERM (e.g. from ``timeout``): stop timing and write what was measured. A BaseException,
+    so the per-implementation error handling does not swallow it."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", nargs="+", metavar="OP", choices=list(ops_module.OPS),
@@ -470,7 +481,6 @@ def main(argv: list[str] | None = None) -> int:
     env = Env(device=device, quick=args.quick, compile=device == "cuda" and not args.no_compile)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     timer = Timer(device, args.quick)
     info = machine_info(device)
     stem = file_stem(info)
@@ -505,19 +515,27 @@ def main(argv: list[str] | None = None) -> int:
         report["ops"][op] = {"status": "ok", "first_call_s": None, "cases": []}
 
     json_path, md_path = write(report, args.out, stem)
+    queue = schedule(all_cases)
     skipped = 0
-    for case in schedule(all_cases):
-        if args.budget is not None and time.perf_counter() - start > args.budget:
-            skipped += 1
-            continue
-        result = run_case(timer, case, ceilings, device)
-        entry = report["ops"][case.op]
-        entry["cases"].append(result)
-        fast = result["results"].get("fastdl", {})
-        if entry["first_call_s"] is None and fast.get("status") == "ok":
-            entry["first_call_s"] = fast["first_call_s"]
-        print(case_line(case.op, result), flush=True)
-        write(report, args.out, stem)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for done, case in enumerate(queue):
+            if args.budget is not None and time.perf_counter() - start > args.budget:
+                skipped = len(queue) - done
+                break
+            result = run_case(timer, case, ceilings, device)
+            entry = report["ops"][case.op]
+            entry["cases"].append(result)
+            fast = result["results"].get("fastdl", {})
+            if entry["first_call_s"] is None and fast.get("status") == "ok":
+                entry["first_call_s"] = fast["first_call_s"]
+            print(case_line(case.op, result), flush=True)
+            write(report, args.out, stem)
+    except (Stopped, KeyboardInterrupt) as err:
+        report["stopped"] = str(err) or "interrupted"
+        print(f"{report['stopped']}: writing what was measured", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for entry in report["ops"].values():
         entry["cases"].sort(key=lambda c: c["index"])
     if skipped:
@@ -529,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         print(plot(report, args.out / f"{stem}.png"))
     print(f"done in {report['wall_s']:.0f} s")
-    return 0
+    return 3 if "stopped" in report else 0
 
 
 if __name__ == "__main__":
