@@ -24,7 +24,7 @@ What it does:
    ``<out>/<gpu>-<date>.png`` (throughput against size, one panel per op and mode; skipped with
    a message when matplotlib is not importable). The JSON and markdown are rewritten after every
    case, so an interrupted run keeps what it measured; on SIGTERM (``timeout``) the runner stops
-timing, writes all three files and exits with status 3.
+   timing, writes all three files and exits with status 3.
 
 An op whose fastdl function has not landed is reported "not available"; an implementation that
 fails (out of memory, unsupported shape, a missing peer) is recorded with its reason and the run
