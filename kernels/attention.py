@@ -132,27 +132,33 @@ def _seq_bucket(n: int) -> int:
 
 @triton.jit
 def _scores(qk, rows, cols, b, h, L, S, MASK, smb, smh, sml, sms,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+            CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Scores in base-2 units for one tile: ``qk`` (q k^T already times scale * log2(e)) plus the
-    mask, and -inf where a row is past L, a column past S, causally hidden or masked out.
+    mask; -inf where masked out and, when checked, where a column is past S or causally hidden.
 
     ``rows`` and ``cols`` are int64 index blocks that broadcast to the tile's shape: (M, 1) and
     (1, N) for a (queries, keys) tile, (1, M) and (N, 1) for its transpose -- the same code
-    serves the forward, the dQ kernel and the transposed tiles of the dK/dV kernel.
+    serves the forward, the dQ kernel and the transposed tiles of the dK/dV kernel. The column
+    and causal tests are compile-time switches: tiles wholly inside S and below the diagonal (the
+    bulk of the work) skip them. Rows past L are never tested: no kernel stores them, and the
+    backward gives them P = 0 through an lse of +inf.
     """
-    valid = (rows < L) & (cols < S)
-    if IS_CAUSAL:  # top-left aligned: row i attends columns j <= i, whatever L and S are
-        valid = valid & (cols <= rows)
     if MASK_KIND != 0:
-        in_bounds = valid
-        mask_ptrs = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * sml + cols * sms
+        # Clamped indices keep every mask read in bounds without a predicate; what they fetch for
+        # rows past L or columns past S is never used.
+        mask_ptrs = (MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+                     + tl.minimum(rows, L - 1) * sml + tl.minimum(cols, S - 1) * sms)
         if MASK_KIND == 1:
-            valid = valid & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
+            qk = tl.where(tl.load(mask_ptrs) != 0, qk, float("-inf"))
         else:
-            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            bias = tl.load(mask_ptrs).to(tl.float32)
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, MASK_FLOOR))
             qk = qk + bias * LOG2E
-    return tl.where(valid, qk, float("-inf"))
+    if CHECK_COLS:
+        qk = tl.where(cols < S, qk, float("-inf"))
+    if CHECK_CAUSAL:  # top-left aligned: row i attends columns j <= i, whatever L and S are
+        qk = tl.where(cols <= rows, qk, float("-inf"))
+    return qk
 
 
 @triton.jit
@@ -161,9 +167,58 @@ def _dropout_offsets(bh, rows, cols, L, S):
     return (bh.to(tl.int64) * L + rows) * S + cols
 
 
+@triton.jit
+def _query_tile_ranges(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile starting at row m0 visits: [0, full) need no column or causal test,
+    [full, hi) need them. Causal: keys past the tile's last row are never visited at all."""
+    if IS_CAUSAL:
+        hi = tl.minimum(S, m0 + BLOCK_M)
+        full = (tl.minimum(m0 + 1, S) // BLOCK_N) * BLOCK_N  # every key <= the tile's first row
+    else:
+        hi = S
+        full = (S // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, sks, svs,
+               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+               CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi) of one query tile; returns (acc, l, m)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        rows_n = offs_n.to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+                    CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
+        # instead of computing -inf - (-inf) = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(V + rows_n[:, None] * svs + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -183,7 +238,8 @@ def _attn_fwd_kernel(
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
@@ -197,33 +253,14 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
-    hi = S
-    if IS_CAUSAL:  # tiles wholly right of the diagonal are skipped, not just masked
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        rows_n = offs_n.to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
-                    IS_CAUSAL, MASK_KIND)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
-        # instead of computing -inf - (-inf) = NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(V + rows_n[:, None] * svs + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    full, hi = _query_tile_ranges(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, 0, full, rows_m, b, h, bh, L, S, sks, svs,
+                               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+                               False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, full, hi, rows_m, b, h, bh, L, S, sks, svs,
+                               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+                               True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+                               BLOCK_DV)
 
     # Fully masked rows (l = 0) return 0, not 0/0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -259,6 +296,59 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L
 
 
 @triton.jit
+def _load_row_stats(LSE, DELTA, bh, offs_m, L):
+    """lse in base 2 and delta for query rows offs_m. Rows past L, and fully masked rows (lse =
+    -inf), get lse = +inf, which makes every P of the row exp2(s - inf) = 0."""
+    row_ok = offs_m < L
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok, b, h, bh, L, S,
+                  sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed,
+                  HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of one query head.
+
+    Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
+    transposition of P or dS. Columns past S are not masked: their dK, dV rows are never stored.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        rows_m = offs_m.to(tl.int64)
+        qt = tl.load(Qh + rows_m[None, :] * sql + offs_d[:, None],
+                     mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        do = tl.load(DOh + rows_m[:, None] * sdol + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L)
+
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+        st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, L, S, MASK, smb, smh, sml, sms,
+                     False, CHECK_CAUSAL, MASK_KIND)
+        pt = tl.math.exp2(st - lse[None, :])
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[None, :], rows_n[:, None], L, S), dropout_p)
+            dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        if MASK_GRAD:
+            tl.store(DSh + rows_m[None, :] * sdsl + rows_n[:, None], dst,
+                     mask=row_ok[None, :] & col_ok[:, None])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
@@ -269,16 +359,14 @@ def _attn_bwd_kv_kernel(
     MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it.
-
-    Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
-    transposition of P or dS.
-    """
+    """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
+    (in a fixed order, in registers: deterministic, no atomics)."""
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < S
     rows_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -290,51 +378,65 @@ def _attn_bwd_kv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    lo = 0
-    if IS_CAUSAL:  # query tiles wholly above the diagonal see none of these keys
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # Query tiles wholly above the diagonal see none of these keys and are skipped; tiles
+        # from `full` on (first row >= last key) see all of them and skip the causal test.
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        full = tl.minimum(((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, L)
+    else:
+        lo = 0
+        full = 0
     for g in range(0, GROUP):
         h = h_kv * GROUP + g
         bh = b * H + h
         Qh = Q + b64 * sqb + h.to(tl.int64) * sqh
         DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
-        for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < L
-            rows_m = offs_m.to(tl.int64)
-            qt = tl.load(Qh + rows_m[None, :] * sql + offs_d[:, None],
-                         mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(DOh + rows_m[:, None] * sdol + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
-            # lse = -inf marks a fully masked row: +inf makes every P of that row exp2(-inf) = 0.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-            delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-
-            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
-            st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, L, S, MASK, smb, smh, sml, sms,
-                         IS_CAUSAL, MASK_KIND)
-            pt = tl.math.exp2(st - lse[None, :])
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[None, :], rows_n[:, None], L, S),
-                                    dropout_p)
-                dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do,
-                             input_precision=PRECISION)
-                dpt = tl.where(keep, dpt * keep_scale, 0.0)
-            else:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            if MASK_GRAD:
-                tl.store(DS + b64 * sdsb + h.to(tl.int64) * sdsh + rows_m[None, :] * sdsl + rows_n[:, None],
-                         dst, mask=row_ok[None, :] & col_ok[:, None])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        DSh = DS + b64 * sdsb + h.to(tl.int64) * sdsh
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, full, rows_n, col_ok, b, h, bh,
+                               L, S, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p,
+                               keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND, HAS_DROPOUT,
+                               MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, L, rows_n, col_ok, b, h, bh,
+                               L, S, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p,
+                               keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND, HAS_DROPOUT,
+                               MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
 
     dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     dv_ptrs = DV + b64 * sdvb + h_kv.to(tl.int64) * sdvh + rows_n[:, None] * sdvs + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, sks, svs,
+                 MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                 CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        rows_n = offs_n.to(tl.int64)
+        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vt = tl.load(V + rows_n[None, :] * svs + offs_dv[:, None],
+                     mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+                    CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -355,7 +457,8 @@ def _attn_bwd_q_kernel(
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -364,34 +467,18 @@ def _attn_bwd_q_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b64 * sdob + h.to(tl.int64) * sdoh + rows_m[:, None] * sdol + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # fully masked row: P = 0
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L)
     K += b64 * skb + h_kv.to(tl.int64) * skh
     V += b64 * svb + h_kv.to(tl.int64) * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        rows_n = offs_n.to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vt = tl.load(V + rows_n[None, :] * svs + offs_dv[:, None],
-                     mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
-                    IS_CAUSAL, MASK_KIND)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    full, hi = _query_tile_ranges(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, 0, full, rows_m, b, h, bh, L, S, sks, svs,
+                      MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                      False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, full, hi, rows_m, b, h, bh, L, S, sks, svs,
+                      MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                      True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),

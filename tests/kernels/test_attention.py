@@ -248,6 +248,34 @@ def test_causal_skips_tiles_right_of_the_diagonal(backend, device):
     assert_close("first tile", out[0, 0, :block_m], expected[0, 0, :block_m], rtol=RTOL)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
+def test_other_tile_shapes(backend, device, monkeypatch, block_m, block_n):
+    """The kernels with tiles other than the interpreter's default, as the GPU autotuner may pick
+    them (query tiles taller or shorter than key tiles): causal tile skipping, the split between
+    unchecked and checked tiles, masks with a gradient and dropout at every boundary."""
+    if backend != "interpret":
+        pytest.skip("the tile shape is forced under the interpreter only (no autotuning)")
+    attention = fastdl.backend.kernels("attention")
+    for name in ("_FWD_CONFIGS", "_BWD_KV_CONFIGS", "_BWD_Q_CONFIGS"):
+        monkeypatch.setattr(attention, name, {key: [(block_m, block_n, 4, 1)]
+                                              for key in getattr(attention, name)})
+    monkeypatch.setattr(attention, "_tuned", {})
+    for L, S in ((45, 37), (37, 45)):
+        _check(_qkv(1, 2, L, S, 16, torch.float32, device), torch.float32, is_causal=True)
+    mask = torch.randn(2, 37, 45, device=device)
+    mask[:, 20, :] = float("-inf")
+    _check([*_qkv(1, 2, 37, 45, 16, torch.float32, device), mask.requires_grad_()], torch.float32)
+    keep = _keep_mask(1, 2, 37, 45, 0.2, 3, torch.float32, device)
+    q, k, v = _qkv(1, 2, 37, 45, 16, torch.float32, device)
+
+    def fastdl_fn(q, k, v):
+        torch.manual_seed(3)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True)
+
+    check_op(fastdl_fn, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.2),
+             [q, k, v], rtol=RTOL, grad_rtol=RTOL)
+
+
 def _keep_mask(B, H, L, S, p, seed, dtype, device):
     """The dropout mask of the (B, H, L, S) call made right after ``torch.manual_seed(seed)``,
     read off an identity problem: q = k = 0 gives P = 1/S, v = I (S <= D) returns P's mask."""
