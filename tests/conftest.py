@@ -19,6 +19,11 @@ import fastdl  # noqa: E402  (after TRITON_INTERPRET)
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist every worker is its own process; one intra-op thread each keeps the
+# workers from oversubscribing the cores (many tiny ops then stall on thread hand-offs).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
