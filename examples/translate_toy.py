@@ -1,6 +1,6 @@
 """Teach an encoder-decoder Transformer to reverse sequences, then decode greedily.
 
-    python examples/translate_toy.py                 # about 4 minutes on a CPU
+    python examples/translate_toy.py                 # about 3 minutes on a CPU
     python examples/translate_toy.py --task sort     # sort the symbols instead of reversing them
 
 The "translation": a source of 4 to 12 symbols drawn from an alphabet of 10, whose target is the
@@ -14,9 +14,9 @@ projection), whose embeddings, attention, LayerNorms and dropout run on fastdl's
 and on the PyTorch path on a CPU. Teacher forcing with padding masks, AdamW, warm-up then cosine
 decay, label smoothing.
 
-Measured (defaults: 2000 steps of batch 64, CPU, ``OMP_NUM_THREADS=1``): exact-match accuracy on
-the 500 held-out sequences 0.0% at step 0, 100.0% after 2000 steps (tokens 100.0%), in about 4
-minutes.
+Measured (defaults: 2000 steps of batch 64; ``OMP_NUM_THREADS=1 python examples/translate_toy.py``
+on a shared 2-core CPU): exact match on the 500 held-out sequences 0.0% at step 0, 54.2% at step
+500, 96.6% at step 1000, 98.6% after 2000 steps (tokens 99.7%), in 197 s.
 """
 
 from __future__ import annotations
