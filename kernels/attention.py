@@ -18,6 +18,8 @@ into one multiply, so the exponentials are ``exp2`` -- with a running row maximu
     o     = acc / l,     lse = (m + log2(l)) * ln(2)       (natural-log logsumexp per row)
 
 Everything accumulates in float32; o is written once; the L x S score matrix never reaches memory.
+Key tiles wholly inside S (and, when causal, wholly left of the query tile's first row) skip the
+column and causal tests: only the boundary tiles pay for them.
 Saved for the backward: o and lse, (B, H, L) float32. Rows whose keys are all masked have l = 0:
 their output is 0 and their lse is -inf (the backward treats it as "nothing attended").
 With ``is_causal`` (top-left aligned, as torch: row i attends columns j <= i, also when L != S)
@@ -78,6 +80,8 @@ MAX_HEAD_DIM = 256
 # Configurations. Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of every list
 # is the default (and the interpreter's only choice); the others suit Hopper: 128-row query tiles
 # with 8 warps and 3-4 stages for D <= 128, narrower key tiles for D = 256 to fit shared memory.
+# fp32 lists are short: full-precision (non-tensor-core) dot products compile slowly, and fp32
+# attention is rarely the hot path.
 # ---------------------------------------------------------------------------------------------
 
 _FWD_CONFIGS = {
@@ -85,8 +89,8 @@ _FWD_CONFIGS = {
     (64, 2): [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)],
     (128, 2): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
     (256, 2): [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
-    (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
-    (128, 4): [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
+    (128, 4): [(64, 32, 4, 1), (64, 64, 4, 2), (128, 32, 8, 2)],
     (256, 4): [(32, 32, 4, 1), (64, 32, 8, 1), (64, 32, 4, 2)],
 }
 # dK/dV kernel: BLOCK_N key rows stay (with their fp32 dK, dV accumulators: 8 warps once D >= 128,
