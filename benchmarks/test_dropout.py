@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import saved_bytes
 
 import fastdl
 import fastdl.functional as F
@@ -79,18 +80,6 @@ def test_forward_backward(benchmark, op, shape, dtype, impl):
     benchmark(step)
 
 
-def _saved_bytes(fn, *args) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_saved_bytes_per_element(benchmark, dtype):
@@ -104,7 +93,7 @@ def test_saved_bytes_per_element(benchmark, dtype):
     numel = x.numel()
     rows = []
     for op, impls in OPS.items():
-        per_element = {impl: _saved_bytes(fn, x, r, w, b, P) / numel for impl, fn in impls.items()}
+        per_element = {impl: saved_bytes(fn, x, r, w, b, P) / numel for impl, fn in impls.items()}
         rows.append((op, per_element["torch"], per_element["fastdl"]))
         benchmark.extra_info[f"{op} saved bytes/element torch"] = per_element["torch"]
         benchmark.extra_info[f"{op} saved bytes/element fastdl"] = per_element["fastdl"]
@@ -126,4 +115,4 @@ def test_saved_bytes_per_element(benchmark, dtype):
     if backend != "torch":
         assert rows[0][2] == 0.0, "fastdl's dropout must save nothing but its seed"
     benchmark.group = "saved bytes per element"
-    benchmark.pedantic(lambda: _saved_bytes(OPS["dropout"]["fastdl"], x, r, w, b, P), rounds=1)
+    benchmark.pedantic(lambda: saved_bytes(OPS["dropout"]["fastdl"], x, r, w, b, P), rounds=1)

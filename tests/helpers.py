@@ -119,3 +119,17 @@ def check_op(fn: Callable, ref_fn: Callable, inputs: Sequence, *,
             base_grad = base_inputs[i].grad if baseline_fn is not None else None
             assert_close(f"grad of input {i}", x.grad, ref_inputs[i].grad, baseline=base_grad,
                          rtol=grad_rtol, factor=factor)
+
+
+def saved_bytes(fn: Callable, *args) -> int:
+    """Bytes of the tensors autograd saves for the backward while running ``fn(*args)``."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total

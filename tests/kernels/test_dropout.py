@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, saved_bytes
 
 import fastdl
 import fastdl.functional as F
@@ -178,29 +178,16 @@ def test_gradcheck_and_double_backward_float64(backend, device):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def _saved_bytes(fn, *args) -> int:
-    """Bytes of the tensors autograd saves for the backward while running ``fn(*args)``."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
-
 
 def test_nothing_but_the_seed_is_saved(backend, device):
     """The kernel path regenerates the mask in the backward: zero bytes saved per element, where
     PyTorch's own dropout saves a mask (bool on CUDA, a scaled noise tensor on CPU)."""
     x = torch.randn(128, 96, device=device, requires_grad=True)
-    torch_bytes = _saved_bytes(torch.nn.functional.dropout, x, 0.5)
+    torch_bytes = saved_bytes(torch.nn.functional.dropout, x, 0.5)
     assert torch_bytes >= x.numel(), "the hook must see torch's mask (else this test proves nothing)"
     if backend == "torch":
         pytest.skip("the torch path is PyTorch's dropout, which saves its mask")
-    assert _saved_bytes(F.dropout, x, 0.5) == 0
+    assert saved_bytes(F.dropout, x, 0.5) == 0
 
 
 def test_bad_arguments():

@@ -10,7 +10,7 @@ used other offsets, another seed or another scale fails these comparisons.
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, check_op
+from helpers import assert_close, check_op, saved_bytes
 
 import fastdl
 import fastdl.functional as F
@@ -227,18 +227,6 @@ def test_mixed_weight_dtype_on_kernel_path(backend, device):
     assert_close("out", out, ref_out, rtol=2e-3)
 
 
-def _saved_bytes(fn, *args) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
-
 
 def test_saves_no_mask(backend, device):
     """Saved for the backward: pre_norm_sum (an output the caller holds anyway), the weight and two
@@ -247,9 +235,9 @@ def test_saves_no_mask(backend, device):
         pytest.skip("the torch path is PyTorch's unfused composition")
     M, N = 32, 96
     x, r, w, b = _inputs((M, N), torch.float16, device)
-    saved = _saved_bytes(lambda *a: F.dropout_add_layer_norm(*a, 0.1), x, r, w, b)
+    saved = saved_bytes(lambda *a: F.dropout_add_layer_norm(*a, 0.1), x, r, w, b)
     assert saved == M * N * 2 + N * 2 + 2 * M * 4
-    torch_saved = _saved_bytes(lambda *a: _unfused(_keep(x, 0.1), 0.1)(*a), x, r, w, b)
+    torch_saved = saved_bytes(lambda *a: _unfused(_keep(x, 0.1), 0.1)(*a), x, r, w, b)
     assert torch_saved > saved
 
 
