@@ -1,6 +1,6 @@
 """Pre-train a small BERT with masked-language modelling on text that ships with Python.
 
-    python examples/train_bert_mlm.py                         # about 4 minutes on 2 CPU cores
+    python examples/train_bert_mlm.py                         # about 5 minutes on a CPU
     python examples/train_bert_mlm.py --device cuda --steps 5000 --hidden 256 --layers 4
     python examples/train_bert_mlm.py --checkpoint runs/bert.pt --steps 3000   # resumes if present
 
@@ -16,9 +16,12 @@ clipping, optional label smoothing, a progress bar with loss and tokens/s, and a
 (model, optimizer, schedule, vocabulary, RNG state) saved every ``--save-every`` steps and at the
 end; an existing ``--checkpoint`` is resumed from.
 
-Measured (defaults: 2 layers, hidden 128, 4 heads, sequences of 64, batch 32, 1500 steps, a
-3000-word WordPiece vocabulary, CPU, 2 cores): masked-token loss on held-out text falls from
-8.1 at step 0 to 5.1 at step 1500 (training loss 8.1 -> 5.0) in about 4 minutes.
+Measured (defaults: 2 layers, hidden 128, 4 heads, sequences of 64, batch 32, 800 steps, a
+3000-piece WordPiece vocabulary, 0.8M parameters; ``OMP_NUM_THREADS=1 python
+examples/train_bert_mlm.py`` on a shared 2-core CPU): the masked-token cross-entropy on 256
+held-out windows falls from 8.06 at step 0 (a uniform guess is ln 3000 = 8.0) to 5.94 at step
+200, 5.74 at 400, 5.64 at 600 and 5.60 at step 800 (smoothed training loss 5.62), in 254 s of
+training (6,500 tokens/s), 4.6 minutes in all.
 """
 
 from __future__ import annotations
