@@ -70,7 +70,12 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     md = next(tmp_path.glob("*.md")).read_text()
     assert "| mode | shape | impl |" in md and "#### attention" in md
     pngs = list(tmp_path.glob("*.png"))
-    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not pngs and "matplotlib is not importable" in proc.stdout
+    else:
+        assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
 
 
 def test_attention_flop_count():

@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+# The examples pick CUDA when there is one (and so fastdl's compiled kernels), else the CPU.
+BACKEND = "triton" if torch.cuda.is_available() else "torch"
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _run(script: str, *args: str, timeout: float = 120) -> str:
@@ -31,7 +42,7 @@ def test_every_example_is_smoke_tested():
 
 def test_quickstart():
     out = _run("quickstart.py")
-    assert "LayerNorm ran on the 'torch' backend" in out
+    assert f"LayerNorm ran on the '{BACKEND}' backend" in out
     for module in ("RMSNorm", "BatchNorm2d", "Embedding", "MultiheadAttention", "TransformerEncoderLayer",
                    "Dropout"):
         assert module in out
@@ -44,7 +55,8 @@ def test_train_bert_mlm_checkpoint_and_resume(tmp_path):
               "--hidden", "32", "--heads", "2", "--checkpoint", str(checkpoint), "--eval-every", "2"]
     out = _run("train_bert_mlm.py", "--steps", "2", *common)
     assert checkpoint.exists()
-    assert "held-out masked-token loss" in out and "wordpiece vocabulary" in out
+    assert "held-out masked-token loss" in out
+    assert ("wordpiece" if _importable("tokenizers") else "char") + " vocabulary" in out
     out = _run("train_bert_mlm.py", "--steps", "3", "--no-progress", *common)
     assert "resumed from" in out and "at step 2" in out
     assert "over steps 2-3" in out
@@ -59,11 +71,15 @@ def test_train_bert_mlm_char_tokenizer():
 
 @pytest.mark.parametrize("extra", [[], ["--mixup", "0.2"]], ids=["plain", "mixup"])
 def test_train_vit(tmp_path, extra):
+    pytest.importorskip("sklearn", reason="the digits come with scikit-learn (pip install -e '.[examples]')")
     plot = tmp_path / "curves.png"
     out = _run("train_vit.py", "--steps", "2", "--epochs", "1", "--hidden", "32", "--layers", "1",
                "--plot", str(plot), *extra)
     assert "held-out accuracy after 1 epochs" in out
-    assert plot.exists() and plot.stat().st_size > 1000
+    if _importable("matplotlib"):
+        assert plot.exists() and plot.stat().st_size > 1000
+    else:
+        assert "matplotlib is not installed" in out
 
 
 def test_translate_toy():
