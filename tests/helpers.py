@@ -8,6 +8,7 @@ floor. A failure names the tensor and prints the first mismatching indices.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,3 +134,27 @@ def saved_bytes(fn: Callable, *args) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
     return total
+
+
+def check_module(ours, ref, call: Callable, inputs: Sequence, masks: Sequence = (), rtol: float = 2e-4):
+    """check_op for a module: ``call(forward, *inputs, *masks)`` where ``forward`` runs the module.
+
+    The module's parameters enter as extra inputs so their gradients are compared too; the
+    reference is a float64 copy of the torch module ``ref`` (``ours`` holds the same weights), and
+    ``ref`` itself in its dtype is the low-precision baseline. ``inputs`` get gradients; float
+    masks reach the float64 reference in float64, bool ones unchanged.
+    """
+    names = [n for n, _ in ours.named_parameters()]
+    ref64 = copy.deepcopy(ref).double()
+    count = len(inputs) + len(masks)
+
+    def run(module):
+        def fn(*args):
+            params = dict(zip(names, args[count:]))
+            return call(lambda *a, **k: torch.func.functional_call(module, params, a, k), *args[:count])
+        return fn
+
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    low_precision = params[0].dtype != torch.float32
+    check_op(run(ours), run(ref64), [x.requires_grad_() for x in inputs] + list(masks) + params,
+             baseline_fn=run(ref) if low_precision else None, rtol=rtol, grad_rtol=rtol)

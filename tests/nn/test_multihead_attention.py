@@ -9,12 +9,11 @@ there); fully masked rows have their own test. Sizes are small and odd: the inte
 real kernels.
 """
 
-import copy
 import math
 
 import pytest
 import torch
-from helpers import assert_close, check_op
+from helpers import assert_close, check_module
 
 import fastdl
 
@@ -33,26 +32,6 @@ def _pair(device, dtype=torch.float32, **kwargs):
     ours = fastdl.nn.MultiheadAttention(E, ref.num_heads, device=device, dtype=dtype, **kwargs)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
-
-
-def _compare(ours, ref, call, inputs, masks=(), rtol=RTOL):
-    """check_op over ``call(forward, *inputs, *masks)``, where ``forward`` runs the module; the
-    module's parameters are extra inputs so their gradients are compared too. ``inputs`` get
-    gradients; float masks reach the float64 reference in float64, bool ones unchanged."""
-    names = [n for n, _ in ours.named_parameters()]
-    ref64 = copy.deepcopy(ref).double()
-    count = len(inputs) + len(masks)
-
-    def run(module):
-        def fn(*args):
-            params = dict(zip(names, args[count:]))
-            return call(lambda *a, **k: torch.func.functional_call(module, params, a, k), *args[:count])
-        return fn
-
-    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
-    low_precision = params[0].dtype != torch.float32
-    check_op(run(ours), run(ref64), [x.requires_grad_() for x in inputs] + list(masks) + params,
-             baseline_fn=run(ref) if low_precision else None, rtol=rtol, grad_rtol=rtol)
 
 
 def _layout(x_lne, batch_first):
@@ -123,7 +102,7 @@ def test_self_attention_masks(backend, device, case):
     ours, ref = _pair(device, num_heads=heads, batch_first=case in ("kpm-bool", "both-mixed", "causal"))
     kind, masks = _masks(case, heads, device)
     x = _layout(torch.randn(L, N, E, device=device), ours.batch_first)
-    _compare(ours, ref, lambda m, x, *ms: _self_call(m, x, *ms, kind=kind), [x], masks)
+    check_module(ours, ref, lambda m, x, *ms: _self_call(m, x, *ms, kind=kind), [x], masks)
 
 
 @pytest.mark.parametrize("case", ["kpm-bool", "attn3d-float", "both-mixed", "causal+kpm"])
@@ -133,7 +112,7 @@ def test_need_weights(backend, device, case, average):
     ours, ref = _pair(device, num_heads=heads, batch_first=average)
     kind, masks = _masks(case, heads, device)
     x = _layout(torch.randn(L, N, E, device=device), ours.batch_first)
-    _compare(ours, ref, lambda m, x, *ms: _self_call(m, x, *ms, kind=kind, need_weights=True,
+    check_module(ours, ref, lambda m, x, *ms: _self_call(m, x, *ms, kind=kind, need_weights=True,
                                                      average=average), [x], masks)
 
 
@@ -156,7 +135,7 @@ def test_cross_attention_options(backend, device, kwargs, need_weights):
     v = _layout(torch.randn(S, N, vdim, device=device), ours.batch_first)
     attn = _random_ignore(L, S, device=device)
     kpm = _kpm(N, S, device)
-    _compare(ours, ref, lambda m, q, k, v, a, p: m(q, k, v, key_padding_mask=p, attn_mask=a,
+    check_module(ours, ref, lambda m, q, k, v, a, p: m(q, k, v, key_padding_mask=p, attn_mask=a,
                                                    need_weights=need_weights), [q, k, v], [attn, kpm])
 
 
@@ -164,7 +143,7 @@ def test_key_is_value(backend, device):
     """One packed key/value projection when key and value are the same tensor."""
     ours, ref = _pair(device)
     q, kv = torch.randn(L, N, E, device=device), torch.randn(S, N, E, device=device)
-    _compare(ours, ref, lambda m, q, kv, p: m(q, kv, kv, key_padding_mask=p, need_weights=False),
+    check_module(ours, ref, lambda m, q, kv, p: m(q, kv, kv, key_padding_mask=p, need_weights=False),
              [q, kv], [_kpm(N, S, device)])
 
 
@@ -175,7 +154,7 @@ def test_unbatched(backend, device, need_weights):
     kpm = torch.zeros(S, dtype=torch.bool, device=device)
     kpm[2:5] = True
     attn3d = _as_float(_random_ignore(ours.num_heads, L, S, device=device))
-    _compare(ours, ref, lambda m, q, kv, p, a: m(q, kv, kv, key_padding_mask=p, attn_mask=a,
+    check_module(ours, ref, lambda m, q, kv, p, a: m(q, kv, kv, key_padding_mask=p, attn_mask=a,
                                                  need_weights=need_weights), [q, kv], [kpm, attn3d])
 
 
@@ -183,7 +162,7 @@ def test_fp16(backend, device):
     ours, ref = _pair(device, dtype=torch.float16, batch_first=True)
     x = torch.randn(N, L, E, device=device, dtype=torch.float16)
     kpm = _kpm(N, L, device)
-    _compare(ours, ref, lambda m, x, p: m(x, x, x, key_padding_mask=p, need_weights=False), [x], [kpm],
+    check_module(ours, ref, lambda m, x, p: m(x, x, x, key_padding_mask=p, need_weights=False), [x], [kpm],
              rtol=None)
 
 

@@ -8,12 +8,11 @@ and its detection), key padding. Dropout > 0: seeds reproduce, eval is determini
 is respected. Tiny sizes: the interpreter runs the real kernels.
 """
 
-import copy
 import warnings
 
 import pytest
 import torch
-from helpers import assert_close, check_op
+from helpers import assert_close, check_module
 
 import fastdl
 
@@ -40,25 +39,6 @@ def _pair(name, *args, device, dtype=torch.float32, **kwargs):
     ours = getattr(fastdl.nn, name)(*args, device=device, dtype=dtype, **kwargs)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
-
-
-def _compare(ours, ref, call, inputs, masks=(), rtol=RTOL):
-    """check_op over ``call(forward, *inputs, *masks)`` with every parameter as an extra input
-    (their gradients are compared); the reference is a float64 copy of the torch module."""
-    names = [n for n, _ in ours.named_parameters()]
-    ref64 = copy.deepcopy(ref).double()
-    count = len(inputs) + len(masks)
-
-    def run(module):
-        def fn(*args):
-            params = dict(zip(names, args[count:]))
-            return call(lambda *a, **k: torch.func.functional_call(module, params, a, k), *args[:count])
-        return fn
-
-    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
-    low_precision = params[0].dtype != torch.float32
-    check_op(run(ours), run(ref64), [x.requires_grad_() for x in inputs] + list(masks) + params,
-             baseline_fn=run(ref) if low_precision else None, rtol=rtol, grad_rtol=rtol)
 
 
 def _seq(length, batch_first, device, dtype=torch.float32):
@@ -98,8 +78,8 @@ def test_encoder_layer(backend, device, norm_first, activation, batch_first, tra
     ours.train(training)
     ref.train(training)
     src = _seq(S, batch_first, device)
-    _compare(ours, ref, lambda m, x, c, p: m(x, src_mask=c, src_key_padding_mask=p, is_causal=True), [src],
-             [_causal(S, device), _kpm(S, device)])
+    check_module(ours, ref, lambda m, x, c, p: m(x, src_mask=c, src_key_padding_mask=p, is_causal=True),
+                 [src], [_causal(S, device), _kpm(S, device)])
 
 
 @pytest.mark.parametrize("norm_first,activation,batch_first", [
@@ -110,7 +90,7 @@ def test_decoder_layer(backend, device, norm_first, activation, batch_first):
     tgt, memory = _seq(T, batch_first, device), _seq(S, batch_first, device)
     memory_mask = torch.rand(T, S, device=device) < 0.3
     memory_mask[:, 0] = False
-    _compare(ours, ref, lambda m, t, mem, c, tp, mm, mp: m(
+    check_module(ours, ref, lambda m, t, mem, c, tp, mm, mp: m(
         t, mem, tgt_mask=c, memory_mask=mm, tgt_key_padding_mask=tp, memory_key_padding_mask=mp,
         tgt_is_causal=True), [tgt, memory],
         [_causal(T, device, torch.float32), _kpm(T, device), memory_mask, _kpm(S, device)])
@@ -118,21 +98,21 @@ def test_decoder_layer(backend, device, norm_first, activation, batch_first):
 
 def test_unbatched_layer(backend, device):
     ours, ref = _pair("TransformerDecoderLayer", D, 2, FF, 0.0, norm_first=True, device=device)
-    _compare(ours, ref, lambda m, t, mem, c: m(t, mem, tgt_mask=c, tgt_is_causal=True),
+    check_module(ours, ref, lambda m, t, mem, c: m(t, mem, tgt_mask=c, tgt_is_causal=True),
              [torch.randn(T, D, device=device), torch.randn(S, D, device=device)], [_causal(T, device)])
 
 
 def test_callable_activation_and_no_bias(backend, device):
     ours, ref = _pair("TransformerEncoderLayer", D, 2, FF, 0.0, torch.nn.functional.silu, bias=False,
                       layer_norm_eps=1e-3, device=device)
-    _compare(ours, ref, lambda m, x, p: m(x, src_key_padding_mask=p), [_seq(S, False, device)],
+    check_module(ours, ref, lambda m, x, p: m(x, src_key_padding_mask=p), [_seq(S, False, device)],
              [_kpm(S, device)])
 
 
 def test_fp16_encoder_layer(backend, device):
     ours, ref = _pair("TransformerEncoderLayer", D, 2, FF, 0.0, batch_first=True, device=device,
                       dtype=torch.float16)
-    _compare(ours, ref, lambda m, x, c: m(x, src_mask=c, is_causal=True),
+    check_module(ours, ref, lambda m, x, c: m(x, src_mask=c, is_causal=True),
              [_seq(S, True, device, torch.float16)], [_causal(S, device)], rtol=None)
 
 
@@ -154,14 +134,14 @@ def test_encoder_stack(backend, device, norm_first, batch_first, mask_dtype):
     """is_causal=None: the causal mask is detected, as torch does (and a float mask is equal to a
     bool one)."""
     ours, ref = _stacks(device, norm_first, batch_first)
-    _compare(ours.encoder, ref.encoder, lambda m, x, c, p: m(x, mask=c, src_key_padding_mask=p),
+    check_module(ours.encoder, ref.encoder, lambda m, x, c, p: m(x, mask=c, src_key_padding_mask=p),
              [_seq(S, batch_first, device)], [_causal(S, device, mask_dtype), _kpm(S, device)])
 
 
 def test_transformer(backend, device):
     ours, ref = _stacks(device, norm_first=False, batch_first=True, layers=1)
     src, tgt = _seq(S, True, device), _seq(T, True, device)
-    _compare(ours, ref, lambda m, s, t, c, sp, tp: m(
+    check_module(ours, ref, lambda m, s, t, c, sp, tp: m(
         s, t, tgt_mask=c, src_key_padding_mask=sp, tgt_key_padding_mask=tp, memory_key_padding_mask=sp),
         [src, tgt], [_causal(T, device), _kpm(S, device), _kpm(T, device)])
 
