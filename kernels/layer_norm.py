@@ -91,6 +91,51 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _row_grad(x, dy, w, mean, rstd, mask, N, IS_RMS: tl.constexpr, HAS_W: tl.constexpr):
+    """(xhat, dx) for one row held in registers (see the module docstring); ``w`` is ignored
+    without HAS_W, ``mean`` with IS_RMS. The stored mean is rounded to float32, so the row is
+    re-centred on it exactly: xs = x - mean, then xhat = (xs - mean(xs)) * rstd."""
+    if IS_RMS:
+        xhat = x * rstd
+    else:
+        xs = tl.where(mask, x - mean, 0.0)
+        xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
+    g = dy * w if HAS_W else dy
+    c1 = tl.sum(xhat * g, axis=0) / N
+    if IS_RMS:
+        dx = (g - xhat * c1) * rstd
+    else:
+        dx = (g - xhat * c1 - tl.sum(g, axis=0) / N) * rstd
+    return xhat, dx
+
+
+@triton.jit
+def _long_row_grad_coeffs(X_ROW, DY_ROW, W, mean, rstd, N, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One pass over a row too long for registers. Returns (centre, c1, c2) such that, block by
+    block, xhat = (x - mean - centre) * rstd and dx = (g - xhat * c1 - c2) * rstd with g = dy * w.
+    ``centre`` = mean(x - mean) corrects the float32 rounding of the stored mean."""
+    sum_gxs = tl.zeros([BLOCK_N], dtype=ACC)
+    sum_g = tl.zeros([BLOCK_N], dtype=ACC)
+    sum_xs = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        xs = tl.where(mask, tl.load(X_ROW + cols, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+        g = tl.load(DY_ROW + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_W:
+            g = g * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        sum_gxs += xs * g
+        sum_g += g
+        sum_xs += xs
+    centre = 0.0 if IS_RMS else tl.sum(sum_xs, axis=0) / N
+    total_g = tl.sum(sum_g, axis=0)
+    c1 = (tl.sum(sum_gxs, axis=0) - centre * total_g) * rstd / N
+    c2 = 0.0 if IS_RMS else total_g / N
+    return centre, c1, c2
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART,  # DW_PART, DB_PART: (programs, N) float32/64
     stride_x_row, stride_dy_row, stride_dx_row, M, N, rows_per_program,
@@ -105,6 +150,7 @@ def _norm_bwd_kernel(
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
+        w = 1.0
         if HAS_W:
             w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         dw = tl.zeros([BLOCK_N], dtype=ACC)
@@ -113,19 +159,8 @@ def _norm_bwd_kernel(
             r = row_start + i
             x = tl.load(X + r * stride_x_row + cols, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + r * stride_dy_row + cols, mask=mask, other=0.0).to(ACC)
-            rstd = tl.load(RSTD + r)
-            if IS_RMS:
-                xhat = x * rstd
-            else:
-                # The stored mean is rounded to float32; re-centre on it exactly (see the forward).
-                xs = tl.where(mask, x - tl.load(MEAN + r), 0.0)
-                xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
-            g = dy * w if HAS_W else dy
-            c1 = tl.sum(xhat * g, axis=0) / N
-            if IS_RMS:
-                dx = (g - xhat * c1) * rstd
-            else:
-                dx = (g - xhat * c1 - tl.sum(g, axis=0) / N) * rstd
+            mean = 0.0 if IS_RMS else tl.load(MEAN + r)
+            xhat, dx = _row_grad(x, dy, w, mean, tl.load(RSTD + r), mask, N, IS_RMS, HAS_W)
             tl.store(DX + r * stride_dx_row + cols, dx, mask=mask)
             if HAS_W:
                 dw += dy * xhat
@@ -142,26 +177,8 @@ def _norm_bwd_kernel(
             r = row_start + i
             rstd = tl.load(RSTD + r)
             mean = 0.0 if IS_RMS else tl.load(MEAN + r)
-            # Pass 1: sum(g * xs), sum(g), sum(xs) with xs = x - mean; the last one corrects the
-            # float32 rounding of the stored mean, as in the one-block case.
-            sum_gxs = tl.zeros([BLOCK_N], dtype=ACC)
-            sum_g = tl.zeros([BLOCK_N], dtype=ACC)
-            sum_xs = tl.zeros([BLOCK_N], dtype=ACC)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                x = tl.load(X + r * stride_x_row + cols, mask=mask, other=0.0).to(ACC)
-                xs = tl.where(mask, x - mean, 0.0)
-                g = tl.load(DY + r * stride_dy_row + cols, mask=mask, other=0.0).to(ACC)
-                if HAS_W:
-                    g = g * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                sum_gxs += xs * g
-                sum_g += g
-                sum_xs += xs
-            centre = 0.0 if IS_RMS else tl.sum(sum_xs, axis=0) / N
-            total_g = tl.sum(sum_g, axis=0)
-            c1 = (tl.sum(sum_gxs, axis=0) - centre * total_g) * rstd / N
-            c2 = 0.0 if IS_RMS else total_g / N
+            centre, c1, c2 = _long_row_grad_coeffs(X + r * stride_x_row, DY + r * stride_dy_row, W, mean,
+                                                   rstd, N, IS_RMS, HAS_W, ACC, BLOCK_N)
             # Pass 2: dx, and this program's share of dw/db.
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
@@ -371,6 +388,7 @@ def _dropout_add_norm_bwd_kernel(
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
+        w = 1.0
         if HAS_W:
             w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         dw = tl.zeros([BLOCK_N], dtype=ACC)
@@ -379,12 +397,8 @@ def _dropout_add_norm_bwd_kernel(
             offsets = (row_start + i) * N + cols
             s = tl.load(PRE + offsets, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
-            rstd = tl.load(RSTD + row_start + i)
-            # The stored mean is rounded to float32; re-centre on it exactly (see _norm_bwd_kernel).
-            xs = tl.where(mask, s - tl.load(MEAN + row_start + i), 0.0)
-            xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
-            g = dy * w if HAS_W else dy
-            ds = (g - xhat * (tl.sum(xhat * g, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
+            xhat, ds = _row_grad(s, dy, w, tl.load(MEAN + row_start + i), tl.load(RSTD + row_start + i),
+                                 mask, N, False, HAS_W)
             if HAS_DPRE:
                 ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
             if HAS_DRES:
@@ -404,24 +418,8 @@ def _dropout_add_norm_bwd_kernel(
             row = row_start + i
             rstd = tl.load(RSTD + row)
             mean = tl.load(MEAN + row)
-            sum_gxs = tl.zeros([BLOCK_N], dtype=ACC)
-            sum_g = tl.zeros([BLOCK_N], dtype=ACC)
-            sum_xs = tl.zeros([BLOCK_N], dtype=ACC)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                s = tl.load(PRE + row * N + cols, mask=mask, other=0.0).to(ACC)
-                xs = tl.where(mask, s - mean, 0.0)
-                g = tl.load(DOUT + row * N + cols, mask=mask, other=0.0).to(ACC)
-                if HAS_W:
-                    g = g * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                sum_gxs += xs * g
-                sum_g += g
-                sum_xs += xs
-            centre = tl.sum(sum_xs, axis=0) / N
-            total_g = tl.sum(sum_g, axis=0)
-            c1 = (tl.sum(sum_gxs, axis=0) - centre * total_g) * rstd / N
-            c2 = total_g / N
+            centre, c1, c2 = _long_row_grad_coeffs(PRE + row * N, DOUT + row * N, W, mean, rstd, N,
+                                                   False, HAS_W, ACC, BLOCK_N)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
