@@ -613,6 +613,35 @@ def _hf_model(cls_name: str, config_name: str, fields: dict) -> torch.nn.Module:
         return cls(config)
 
 
+def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], fastdl_model: Callable,
+                 hf_names: tuple[str, str], fields: dict) -> dict[str, Builder]:
+    """Training-step builders for one model: fastdl's, the Hugging Face model in eager mode and,
+    where enabled, that model under torch.compile."""
+
+    def build(make_model) -> Builder:
+        def builder() -> Impl:
+            model = make_model().to(device=env.device, dtype=dtype).train()
+            return Impl(_train_step(model, make_batch, lambda out: out.loss), [], None)
+        return builder
+
+    def fastdl_builder() -> Impl:
+        impl = build(fastdl_model)()
+        impl.backend = importlib.import_module("fastdl.backend").resolve(torch.empty(0, device=env.device))
+        return impl
+
+    def eager_model():
+        return _hf_model(*hf_names, fields)
+
+    def compile_builder() -> Impl:
+        torch._dynamo.reset()
+        return build(lambda: torch.compile(eager_model()))()
+
+    impls: dict[str, Builder] = {"fastdl": fastdl_builder, "eager": build(eager_model)}
+    if env.compile:
+        impls["compile"] = compile_builder
+    return impls
+
+
 def _bert_cases(env: Env) -> list[Case]:
     if env.cuda:
         fields = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -629,30 +658,10 @@ def _bert_cases(env: Env) -> list[Case]:
         labels = torch.where(torch.rand(batch, seq, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
         return {"input_ids": ids.to(env.device), "labels": labels.to(env.device)}
 
-    def build(make_model) -> Builder:
-        def builder() -> Impl:
-            model = make_model().to(device=env.device, dtype=dtype).train()
-            return Impl(_train_step(model, make_batch, lambda out: out.loss), [], None)
-        return builder
-
     def fastdl_model():
         return fastdl_attr("models", "BertForMaskedLM")(fastdl_attr("models", "BertConfig")(**fields))
 
-    def fastdl_builder() -> Impl:
-        impl = build(fastdl_model)()
-        impl.backend = importlib.import_module("fastdl.backend").resolve(torch.empty(0, device=env.device))
-        return impl
-
-    def eager_model():
-        return _hf_model("BertForMaskedLM", "BertConfig", fields)
-
-    def compile_builder() -> Impl:
-        torch._dynamo.reset()
-        return build(lambda: torch.compile(eager_model()))()
-
-    impls: dict[str, Builder] = {"fastdl": fastdl_builder, "eager": build(eager_model)}
-    if env.compile:
-        impls["compile"] = compile_builder
+    impls = _model_impls(env, dtype, make_batch, fastdl_model, ("BertForMaskedLM", "BertConfig"), fields)
     h, i, v = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
     flops = _model_flops(batch * seq, batch, seq, fields["num_hidden_layers"], h, i, h * h + v * h)
     return [Case("bert_train", "train", f"{label} {batch}x{seq} {dtype_name(dtype)}",
@@ -678,28 +687,12 @@ def _vit_cases(env: Env) -> list[Case]:
         labels = torch.randint(0, fields["num_labels"], (batch,), generator=gen)
         return {"pixel_values": pixels.to(env.device, dtype), "labels": labels.to(env.device)}
 
-    def build(make_model) -> Builder:
-        def builder() -> Impl:
-            model = make_model().to(device=env.device, dtype=dtype).train()
-            return Impl(_train_step(model, make_batch, lambda out: out.loss), [], None)
-        return builder
-
-    def fastdl_builder() -> Impl:
+    def fastdl_model():
         config = fastdl_attr("models", "ViTConfig")(**fields)
-        impl = build(lambda: fastdl_attr("models", "ViTForImageClassification")(config))()
-        impl.backend = importlib.import_module("fastdl.backend").resolve(torch.empty(0, device=env.device))
-        return impl
+        return fastdl_attr("models", "ViTForImageClassification")(config)
 
-    def eager_model():
-        return _hf_model("ViTForImageClassification", "ViTConfig", fields)
-
-    def compile_builder() -> Impl:
-        torch._dynamo.reset()
-        return build(lambda: torch.compile(eager_model()))()
-
-    impls: dict[str, Builder] = {"fastdl": fastdl_builder, "eager": build(eager_model)}
-    if env.compile:
-        impls["compile"] = compile_builder
+    impls = _model_impls(env, dtype, make_batch, fastdl_model,
+                         ("ViTForImageClassification", "ViTConfig"), fields)
     h, i = fields["hidden_size"], fields["intermediate_size"]
     patch_params = 3 * patch * patch * h
     # the patch projection runs on seq - 1 tokens, the classifier on one per image: both small
