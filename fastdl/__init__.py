@@ -5,12 +5,13 @@
     y = fastdl.functional.layer_norm(x, (768,))
     fastdl.backend.resolve(x)                  # "triton" | "interpret" | "torch"
     model = fastdl.models.BertModel.from_pretrained("checkpoint/dir")
-    fastdl.patch(hf_model)                     # swap torch.nn modules for fastdl's, in place
+    fastdl.patch(hf_model, verbose=True)       # swap modules for fastdl's in place, print a report
+    fastdl.integrations.transformers.register()  # attn_implementation="fastdl" in transformers
 """
 
 __version__ = "0.1.0"
 
-from . import backend, functional, models, nn  # noqa: E402
-from .patch import patch  # noqa: E402  (the function; the module stays importable as fastdl.patch)
+from . import backend, functional, integrations, models, nn  # noqa: E402
+from . import patch  # noqa: E402  (a callable module: fastdl.patch(model), fastdl.patch.register_norm)
 
-__all__ = ["__version__", "backend", "functional", "nn", "models", "patch"]
+__all__ = ["__version__", "backend", "functional", "nn", "models", "integrations", "patch"]

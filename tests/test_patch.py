@@ -267,3 +267,150 @@ def test_hf_attention_function_matches_transformers_sdpa(case):
     assert_close("attention", out, ref, rtol=1e-10)
     with pytest.raises(ValueError, match="softcap"):
         hf_attention(module, q, k, v, mask, softcap=30.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-specific norms, the report, models without attention
+# ---------------------------------------------------------------------------------------------
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, attn_implementation="sdpa")
+    return noisy(transformers.LlamaForCausalLM(config)).eval()
+
+
+def run_causal_lm(model, device):
+    ids = torch.randint(1, 99, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    out = model(ids.to(device), attention_mask=mask.to(device))
+    logits = out.logits * mask.to(device)[..., None]  # padded positions hold unspecified values
+    weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=device).view(logits.shape)
+    return (logits,), (logits * weights).sum()
+
+
+def test_llama_rms_norms_are_swapped_and_reported(backend, device, attention_calls, capsys):
+    model = tiny_llama().to(device)
+    reference = copy.deepcopy(model).double().cpu()
+    norms = [name for name, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5
+    out, report = fastdl.patch(model, report=True, verbose=True)
+    assert out is model and model.fastdl_patch_report is report
+    assert not any(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
+    swapped = {e.path: e for e in report.swapped}
+    assert all(swapped[name].detail == "fastdl.nn.RMSNorm" for name in norms)
+    rms = model.get_submodule(norms[0])
+    assert rms.weight is dict(model.named_parameters())[norms[0] + ".weight"] and rms.eps == 1e-6
+    assert [e.detail for e in report.attention] == ["attn_implementation sdpa -> fastdl"]
+    assert not report.left
+    table = capsys.readouterr().out
+    assert "LlamaRMSNorm" in table and "fastdl.nn.RMSNorm" in table and " 5 " in table
+    compare(model, reference, run_causal_lm, device)
+    assert len(attention_calls) == 2
+
+
+def test_t5_layer_norms_are_swapped():
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)
+    model = noisy(transformers.T5Model(config)).eval()
+    n = sum(type(m).__name__ == "T5LayerNorm" for m in model.modules())
+    keys = set(model.state_dict())
+    reference = copy.deepcopy(model)
+    fastdl.patch(model)
+    assert n == 7 and len([e for e in model.fastdl_patch_report.swapped if e.module == "T5LayerNorm"]) == n
+    assert set(model.state_dict()) == keys
+    ids = torch.randint(2, 99, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(2, 99, (2, 5)))
+    for autocast in (False, True):  # the fp32 position bias meets bf16 queries under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, ref = model(**kwargs).last_hidden_state, reference(**kwargs).last_hidden_state
+        assert_close(f"T5 (autocast {autocast})", out.float(), ref.float(), rtol=2e-2 if autocast else 1e-5)
+
+
+def test_model_without_attention_keeps_its_implementation():
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    model = transformers.ResNetModel(config).eval()
+    before = model.config._attn_implementation
+    fastdl.patch(model)
+    assert model.config._attn_implementation == before
+    report = model.fastdl_patch_report
+    assert not report.attention
+    assert [e.detail for e in report.left] == ["attention not routed: it has no attention layers"]
+    assert {e.module for e in report.swapped} == {"BatchNorm2d"}
+
+
+class ShiftedNorm(torch.nn.Module):
+    """A LayerNorm written by hand (the form many model files use)."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(n))
+        self.epsilon = eps
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.epsilon) * self.weight + self.bias
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """Scales by (1 + weight), as Gemma's norm: not an RMSNorm with this weight."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+def test_register_norm_swaps_after_a_self_check(monkeypatch):
+    monkeypatch.setattr(fastdl.patch, "NORMS", dict(fastdl.patch.NORMS))
+    fastdl.patch.register_norm(ShiftedNorm, "layer_norm", eps_attr="epsilon")
+    fastdl.patch.register_norm("OffsetRMSNorm", "rms_norm")
+    model = torch.nn.Sequential(ShiftedNorm(12, eps=1e-3), OffsetRMSNorm(12), torch.nn.Linear(12, 3))
+    x = torch.randn(4, 12)
+    expected = model(x)
+    custom = model[0]
+    fastdl.patch(model)
+    assert type(model[0]) is fastdl.nn.LayerNorm and model[0].eps == 1e-3
+    assert model[0].weight is custom.weight and model[0].bias is custom.bias
+    assert model[0].epsilon == 1e-3  # the model's own attribute stays readable
+    assert type(model[1]) is OffsetRMSNorm  # refused by the self-check
+    (left,) = model.fastdl_patch_report.left
+    assert left.path == "1" and "self-check" in left.detail and "RMSNorm" in left.detail
+    with fastdl.backend.use("torch"):
+        assert_close("patched", model(x), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        fastdl.patch.register_norm(ShiftedNorm, "batch_norm")
+
+
+def test_left_modules_are_reported():
+    class MyNorm(torch.nn.LayerNorm):
+        pass
+
+    class FancyNorm(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = torch.nn.Sequential(MyNorm(8), FancyNorm(), torch.nn.ReLU())
+    report = fastdl.patch(model, report=True)[1]
+    reasons = {e.module: e.detail for e in report.left}
+    assert set(reasons) == {"MyNorm", "FancyNorm"}
+    assert "subclass of torch.nn.LayerNorm" in reasons["MyNorm"]
+    assert "register_norm" in reasons["FancyNorm"]
+    assert "2 modules left" in str(report)
+
+
+def test_patch_module_is_reachable():
+    import fastdl.patch as patch_module
+    from fastdl.integrations.transformers import attention_forward
+
+    assert patch_module is fastdl.patch and callable(fastdl.patch)
+    assert fastdl.patch.hf_attention is attention_forward is hf_attention
+    assert fastdl.patch.patch(torch.nn.Dropout()).__class__ is fastdl.nn.Dropout
