@@ -3,10 +3,13 @@
 Forward, over the input viewed as a flat vector of ``numel`` elements::
 
     keep[i] = rand(seed, i) >= p          (Philox, ``dropout_keep`` in kernels/utils.py)
-    y[i]    = keep[i] ? x[i] / (1 - p) : 0
+    y[i]    = x[i] * (keep[i] ? 1 / (1 - p) : 0)
+
+A dropped element is multiplied by 0, not replaced by 0, so a dropped inf or NaN gives NaN, as
+torch's ``input * mask * scale`` does.
 
 The random number of element ``i`` depends only on ``(seed, i)``, so the backward rebuilds the
-same mask from the seed: ``dx[i] = keep[i] ? dy[i] / (1 - p) : 0``, which is the forward applied
+same mask from the seed: ``dx[i] = dy[i] * (keep[i] ? 1 / (1 - p) : 0)``, which is the forward applied
 to ``dy``. Saved for the backward: the seed (a Python int) -- no mask, zero bytes per element
 where PyTorch keeps a bool (CUDA) or a full-precision noise tensor (CPU).
 
@@ -30,12 +33,12 @@ BLOCK = 4096 if INTERPRET else 1024
 
 @triton.jit
 def _dropout_kernel(X, Y, numel, p, scale, seed, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Y[i] = keep(seed, i) ? X[i] * scale : 0 for one block of the flat (numel,) tensors."""
+    """Y[i] = X[i] * (keep(seed, i) ? scale : 0) for one block of the flat (numel,) tensors."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
-    x = tl.load(X + offsets, mask=mask, other=0.0)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     keep = dropout_keep(seed, offsets, p)
-    y = tl.where(keep, x.to(ACC) * scale, 0.0)
+    y = tl.where(keep, x * scale, x * 0.0)  # x * 0, not 0: a dropped inf or NaN is NaN, as torch
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -231,7 +231,7 @@ def _bert_embeddings_fwd_kernel(
         y = y + tl.load(LN_B + cols, mask=mask, other=0.0).to(ACC)
     offsets = row * N + cols  # the flat index of each output element: the dropout counter
     if DROPOUT:
-        y = tl.where(dropout_keep(seed, offsets, p), y * scale, 0.0)
+        y = tl.where(dropout_keep(seed, offsets, p), y * scale, y * 0.0)
     tl.store(OUT + offsets, y, mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -263,7 +263,7 @@ def _bert_embeddings_bwd_kernel(
         xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
         dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
         if DROPOUT:
-            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, 0.0)
+            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, dy * 0.0)
         g = dy * w if HAS_W else dy
         ds = (g - xhat * (tl.sum(xhat * g, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
         tl.store(DS + offsets, ds, mask=mask)

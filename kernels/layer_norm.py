@@ -305,7 +305,7 @@ def _dropout_add(X, RES, PRE, offsets, mask, seed, p, scale, HAS_RES: tl.constex
     """residual + dropout(x) at flat ``offsets``, rounded to the dtype of pre_norm_sum (PRE),
     returned in ACC."""
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    s = tl.where(dropout_keep(seed, offsets, p), x * scale, 0.0)
+    s = tl.where(dropout_keep(seed, offsets, p), x * scale, x * 0.0)  # 0 * inf = NaN, as torch
     if HAS_RES:
         s += tl.load(RES + offsets, mask=mask, other=0.0).to(ACC)
     return tl.where(mask, s.to(PRE.dtype.element_ty).to(ACC), 0.0)
@@ -403,7 +403,7 @@ def _dropout_add_norm_bwd_kernel(
                 ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
             if HAS_DRES:
                 tl.store(DRES + offsets, ds, mask=mask)
-            tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, 0.0), mask=mask)
+            tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, ds * 0.0), mask=mask)
             if HAS_W:
                 dw += dy * xhat
             if HAS_B:
@@ -436,7 +436,7 @@ def _dropout_add_norm_bwd_kernel(
                     ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
                 if HAS_DRES:
                     tl.store(DRES + offsets, ds, mask=mask)
-                tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, 0.0),
+                tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, ds * 0.0),
                          mask=mask)
                 # Private partial rows (zero-initialised by the launcher): read-modify-write is safe.
                 if HAS_W:

@@ -232,3 +232,15 @@ def test_forced_kernel_backend_refuses_rows_wider_than_a_block(name):
     with fastdl.backend.use(name):
         with pytest.raises(fastdl.backend.BackendError, match="16385"):
             F.bert_embeddings(ids, None, None, *tables, None, None, EPS, 0.0, True)
+
+
+def test_dropout_of_nan_rows_is_nan_as_torch(backend, device):
+    """An inf in a word row makes that token's LayerNorm row NaN; torch's dropout keeps NaN where it
+    drops (NaN * 0), so the whole row stays NaN, never zeros."""
+    ids, type_ids, pos_ids = _ids(3, 11, 20, 2, device)
+    tables = [t.detach() for t in _tables(20, 16, 2, 48, torch.float32, device)]
+    tables[0][ids[0, 0], 5] = float("inf")
+    out = F.bert_embeddings(ids, type_ids, pos_ids, *tables, EPS, 0.5, True)
+    hit = ids == ids[0, 0]
+    assert torch.isnan(out[hit]).all()
+    assert torch.isfinite(out[~hit]).all()

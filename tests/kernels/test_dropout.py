@@ -207,3 +207,29 @@ def test_forced_triton_on_cpu_tensor_raises():
     with fastdl.backend.use("triton"):
         with pytest.raises(fastdl.backend.BackendError, match="triton"):
             F.dropout(torch.randn(2, 8), 0.5)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_dropped_inf_and_nan_become_nan_as_in_torch(backend, device, p):
+    """torch multiplies by the mask (inf * 0 = NaN): a dropped inf or NaN is NaN, never 0; a kept
+    inf stays inf; NaN stays NaN. The gradient of a dropped element is dy * 0, so an inf in dy
+    gives NaN too."""
+    x = _nonzero_randn((40, 31), torch.float32, device)
+    special = torch.rand(x.shape, device=device) < 0.3
+    values = torch.tensor([float("inf"), float("-inf"), float("nan")], device=device)
+    x = torch.where(special, values[torch.randint(0, 3, x.shape, device=device)], x).requires_grad_()
+    torch.manual_seed(21)
+    y = F.dropout(x, p)
+    dy = torch.where(special, float("inf"), torch.randn_like(x))
+    y.backward(dy)
+    ref = torch.nn.functional.dropout(x.detach(), p)  # torch's own op, for the rule it follows
+    for out, inp in ((ref, x.detach()), (y.detach(), x.detach()), (x.grad, dy)):
+        finite = torch.isfinite(inp)
+        kept = finite & (out != 0) if p < 1 else torch.zeros_like(finite)
+        assert not (out[~finite] == 0).any(), "a dropped inf/NaN became 0"
+        assert torch.isnan(out[~finite & ~torch.isinf(out)]).all()
+        assert torch.isnan(out[torch.isnan(inp)]).all()
+        if p == 1:
+            assert torch.isnan(out[~finite]).all() and torch.equal(out[finite], torch.zeros_like(out[finite]))
+        assert torch.equal(torch.isinf(out), torch.isinf(inp) & (torch.isinf(out))), "inf only where inf came in"
+        assert kept.any() or p == 1

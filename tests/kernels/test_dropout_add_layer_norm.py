@@ -264,3 +264,19 @@ def test_bad_arguments():
         fn(x, torch.randn(4, 8, device="meta"), w)
     with pytest.raises(ValueError, match="x"):
         fn(torch.tensor(1.0), None)
+
+
+def test_dropped_inf_gives_nan_as_torch(backend, device):
+    """residual + dropout(x) follows torch's dropout: a dropped inf or NaN is NaN (inf * 0), a kept
+    inf stays inf, never the residual alone; a row holding one normalises to NaN."""
+    x, r, w, b = _inputs((6, 40), torch.float32, device)
+    bad = torch.rand(x.shape, device=device) < 0.2
+    x = torch.where(bad, torch.tensor([float("inf"), float("nan")], device=device)[
+        torch.randint(0, 2, x.shape, device=device)], x.detach())
+    keep = _keep(x, 0.5)
+    torch.manual_seed(SEED)
+    out, pre = F.dropout_add_layer_norm(x, r, w, b, 0.5)
+    assert torch.isnan(pre[bad & ~keep]).all(), "a dropped inf/NaN must give NaN, as torch"
+    assert torch.isinf(pre[bad & keep & torch.isinf(x)]).all()
+    assert torch.equal(torch.isfinite(pre), ~bad)
+    assert torch.isnan(out[bad.any(-1)]).all()
