@@ -703,6 +703,45 @@ def _vit_cases(env: Env) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy (an MLM / LM head)
+# ---------------------------------------------------------------------------------------------
+
+def _linear_cross_entropy_cases(env: Env) -> list[Case]:
+    """BERT's MLM head at 16 x 512 tokens, 768 hidden, a 30,522-word vocabulary (smaller on a CPU).
+    Work: the three matmuls of the logits and their gradients, 2·N·H·V each (one in ``fwd``)."""
+    if env.cuda:
+        n, h, v, dtype = 16 * 512, 768, 30522, torch.bfloat16
+    else:
+        n, h, v, dtype = 512, 64, 1000, torch.float32
+    cases = []
+    for mode in ("fwd", "fwd+bwd"):
+        grad = mode == "fwd+bwd"
+
+        def make_inputs(grad=grad):
+            hidden = _randn((n, h), env, dtype, grad)
+            weight = _randn((v, h), env, dtype, grad, h ** -0.5)
+            bias = _randn(v, env, dtype, grad, 0.1)
+            target = torch.randint(0, v, (n,), device=env.device)
+            return (hidden, weight, bias, target), (hidden, weight, bias)
+
+        def liger(make_inputs=make_inputs, mode=mode) -> Impl:
+            loss_fn = peer("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss()
+            (hidden, weight, bias, target), leaves = make_inputs()
+            return Impl(make_step(lambda: loss_fn(weight, hidden, target, bias), mode, leaves), leaves)
+
+        eager = lambda hidden, weight, bias, target: TF.cross_entropy(TF.linear(hidden, weight, bias), target)
+        call = lambda fn, hidden, weight, bias, target: fn(hidden, weight, target, bias)
+        cases.append(Case(
+            "linear_cross_entropy", mode, f"{n}x{h} -> {v} {dtype_name(dtype)}",
+            {"tokens": n, "hidden": h, "vocab": v, "dtype": dtype_name(dtype)}, "TFLOP/s",
+            2.0 * n * h * v * (3 if grad else 1), n, "tokens", f"linear_cross_entropy {mode}",
+            _elementwise_impls(env, make_inputs, eager, "linear_cross_entropy", call, mode,
+                               {"liger_kernel": liger}),
+            priority=0))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -715,6 +754,7 @@ OPS: dict[str, Callable[[Env], list[Case]]] = {
     "dropout_add_layer_norm": _dropout_add_layer_norm_cases,
     "bert_embeddings": _bert_embeddings_cases,
     "attention": _attention_cases,
+    "linear_cross_entropy": _linear_cross_entropy_cases,
     "bert_train": _bert_cases,
     "vit_train": _vit_cases,
 }
@@ -729,6 +769,7 @@ REQUIRES: dict[str, tuple[str, str]] = {
     "dropout_add_layer_norm": ("functional", "dropout_add_layer_norm"),
     "bert_embeddings": ("functional", "bert_embeddings"),
     "attention": ("functional", "scaled_dot_product_attention"),
+    "linear_cross_entropy": ("functional", "linear_cross_entropy"),
     "bert_train": ("models", "BertForMaskedLM"),
     "vit_train": ("models", "ViTForImageClassification"),
 }

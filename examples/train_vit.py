@@ -185,9 +185,14 @@ def main(argv=None) -> dict:
             if beta is not None:
                 lam = float(beta.sample())
                 perm = torch.randperm(len(y), generator=gen).to(args.device)
-                logits = model(lam * x + (1 - lam) * x[perm]).logits.float()
-                loss = lam * TF.cross_entropy(logits, y, label_smoothing=args.label_smoothing) + \
-                    (1 - lam) * TF.cross_entropy(logits, y[perm], label_smoothing=args.label_smoothing)
+                # Mixed images, mixed targets: class probabilities lam and 1 - lam, into the
+                # fused classifier + cross-entropy (soft targets, label smoothing on top).
+                cls_state = model.vit(lam * x + (1 - lam) * x[perm]).last_hidden_state[:, 0]
+                classes = model.config.num_labels
+                target = lam * TF.one_hot(y, classes) + (1 - lam) * TF.one_hot(y[perm], classes)
+                loss = fastdl.functional.linear_cross_entropy(
+                    cls_state, model.classifier.weight, target.to(cls_state.dtype), model.classifier.bias,
+                    label_smoothing=args.label_smoothing).float()
             else:
                 logits = model(x).logits.float()
                 loss = TF.cross_entropy(logits, y, label_smoothing=args.label_smoothing)

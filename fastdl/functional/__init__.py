@@ -4,6 +4,7 @@ Every function picks its backend per call (see :mod:`fastdl.backend`).
 """
 
 from .attention import scaled_dot_product_attention
+from .cross_entropy import linear_cross_entropy
 from .dropout import dropout, dropout_add_layer_norm
 from .embedding import bert_embeddings, embedding
 from .normalization import batch_norm, layer_norm, rms_norm
@@ -17,4 +18,5 @@ __all__ = [
     "dropout_add_layer_norm",
     "embedding",
     "bert_embeddings",
+    "linear_cross_entropy",
 ]

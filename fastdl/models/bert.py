@@ -238,9 +238,32 @@ class BertLMPredictionHead(torch.nn.Module):
             self.decoder = torch.nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.linear(self.transform(x), *self.output_layer())
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (vocab, hidden), bias (vocab,)) of the projection onto the vocabulary."""
         if self.decoder is not None:
-            return self.decoder(self.transform(x))
-        return TF.linear(self.transform(x), self._word_embeddings.weight, self.bias)
+            return self.decoder.weight, self.decoder.bias
+        return self._word_embeddings.weight, self.bias
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the positions whose label is not -100, from the encoder's
+        (B, S, hidden) output, through the fused linear + cross-entropy: no (tokens, vocab) logits.
+
+        On a CPU only the labelled positions go through the transform and the loss. On CUDA every
+        position does, the unlabelled ones skipped by ``ignore_index``: selecting the labelled
+        rows (a boolean-mask gather) would wait for the GPU to count them.
+        """
+        x = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        if labels.shape[0] != x.shape[0]:
+            raise ValueError(f"labels must have one entry per token ({tuple(hidden.shape[:-1])}), got "
+                             f"{labels.shape[0]} in all")
+        if x.device.type != "cuda":
+            scored = labels != -100
+            x, labels = x[scored], labels[scored]
+        weight, bias = self.output_layer()
+        return F.linear_cross_entropy(self.transform(x), weight, labels, bias)
 
 
 class BertOnlyMLMHead(torch.nn.Module):
@@ -319,7 +342,9 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the masked-language-model head. ``labels`` (B, S), -100 where not scored."""
+    """BERT with the masked-language-model head. ``labels`` (B, S), -100 where not scored: the
+    loss comes from the fused linear + cross-entropy (no logits behind it); ``return_logits=False``
+    also skips the (B, S, vocab) logits of the output (``logits`` is then None)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -330,18 +355,18 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> MaskedLMOutput:
+                labels: torch.Tensor | None = None, return_logits: bool = True) -> MaskedLMOutput:
         hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
-        logits = self.cls(hidden)
-        loss = None
-        if labels is not None:
-            loss = TF.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        logits = self.cls(hidden) if return_logits or labels is None else None
+        loss = self.cls.predictions.loss(hidden, labels) if labels is not None else None
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
 class BertForPreTraining(BertPreTrainedModel):
     """BERT with the masked-LM and next-sentence heads; ``loss`` = MLM + NSP cross-entropy when
-    both ``labels`` (B, S) and ``next_sentence_label`` (B,) are given, as Hugging Face."""
+    both ``labels`` (B, S) and ``next_sentence_label`` (B,) are given, as Hugging Face; the MLM
+    part from the fused linear + cross-entropy. ``return_logits=False`` with labels skips the
+    (B, S, vocab) ``prediction_logits`` (None then)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -353,13 +378,16 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
-                next_sentence_label: torch.Tensor | None = None) -> PreTrainingOutput:
+                next_sentence_label: torch.Tensor | None = None,
+                return_logits: bool = True) -> PreTrainingOutput:
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        prediction_logits = self.cls.predictions(out.last_hidden_state)
+        with_loss = labels is not None and next_sentence_label is not None
+        prediction_logits = (self.cls.predictions(out.last_hidden_state) if return_logits or not with_loss
+                             else None)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
         loss = None
-        if labels is not None and next_sentence_label is not None:
-            loss = (TF.cross_entropy(prediction_logits.view(-1, self.config.vocab_size), labels.view(-1))
+        if with_loss:
+            loss = (self.cls.predictions.loss(out.last_hidden_state, labels)
                     + TF.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1)))
         return PreTrainingOutput(loss=loss, prediction_logits=prediction_logits,
                                  seq_relationship_logits=nsp_logits)

@@ -309,7 +309,12 @@ class ViTModel(ViTPreTrainedModel):
 
 class ViTForImageClassification(ViTPreTrainedModel):
     """ViT with a Linear classifier on the final [CLS] state; ``loss`` when ``labels`` are given
-    (Hugging Face's rule: regression for num_labels == 1, else cross-entropy / BCE)."""
+    (Hugging Face's rule: regression for num_labels == 1, else cross-entropy / BCE).
+
+    Soft labels -- float (B, num_labels) class probabilities, as mixup and cutmix make -- with
+    ``config.problem_type == "single_label_classification"`` give the cross-entropy against those
+    probabilities, through the fused linear + cross-entropy (Hugging Face rejects such labels for
+    that problem type; with ``problem_type=None`` float labels mean multi-label BCE, as there)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -324,5 +329,14 @@ class ViTForImageClassification(ViTPreTrainedModel):
                 interpolate_pos_encoding: bool = False) -> ClassifierOutput:
         hidden = self.vit(pixel_values, interpolate_pos_encoding).last_hidden_state
         logits = self.classifier(hidden[:, 0])
-        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        if labels is None:
+            loss = None
+        elif self._soft_labels(labels, logits):
+            loss = F.linear_cross_entropy(hidden[:, 0], self.classifier.weight, labels, self.classifier.bias)
+        else:
+            loss = classification_loss(self.config, logits, labels)
         return ClassifierOutput(loss=loss, logits=logits)
+
+    def _soft_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> bool:
+        return (self.config.problem_type == "single_label_classification" and labels.is_floating_point()
+                and labels.shape == logits.shape and isinstance(self.classifier, torch.nn.Linear))

@@ -3,6 +3,7 @@
 from .attention import MultiheadAttention
 from .dropout import Dropout
 from .embedding import Embedding
+from .loss import LinearCrossEntropyLoss
 from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 from .transformer import (
     Transformer,
@@ -25,4 +26,5 @@ __all__ = [
     "TransformerEncoder",
     "TransformerDecoder",
     "Transformer",
+    "LinearCrossEntropyLoss",
 ]

@@ -169,6 +169,27 @@ def test_masked_lm_loss_matches_hf(torch_path):
     assert out.loss.dim() == 0
 
 
+def test_masked_lm_fused_loss_without_logits(backend, device):
+    """The loss (fused linear + cross-entropy over the labelled positions) and its gradients equal
+    cross_entropy of the model's own logits; return_logits=False drops the logits only."""
+    ours = BertForMaskedLM.from_hf(hf_model("BertForMaskedLM")).to(device)
+    params = list(ours.parameters())
+    ids, mask, types = (t.to(device) for t in batch(b=3, s=9))
+    labels = torch.where(torch.rand(ids.shape, device=device) < 0.3, ids, -100)
+    labels[0, 0] = 5
+    out = ours(ids, mask, types, labels=labels)
+    ref_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.reshape(-1))
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    lean = ours(ids, mask, types, labels=labels, return_logits=False)
+    assert lean.logits is None
+    assert_close("loss", lean.loss, ref_loss, rtol=1e-5)
+    for (name, _), g, ref in zip(ours.named_parameters(), torch.autograd.grad(lean.loss, params), ref_grads):
+        if not name.endswith("attention.self.key.bias"):  # zero up to rounding (shift-invariant softmax)
+            assert_close(f"grad {name}", g, ref, rtol=1e-4)
+    with pytest.raises(ValueError, match="labels"):
+        ours(ids, mask, types, labels=labels[:, :-1])
+
+
 def test_from_hf_keeps_device_dtype_and_training_flag(torch_path):
     hf = hf_model("BertModel").train()
     ours = BertModel.from_hf(hf)

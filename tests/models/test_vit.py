@@ -109,6 +109,25 @@ def test_classifier_loss_and_gradients_match_hf(backend, device):
         assert_close(f"grad {pname}", p.grad.cpu(), ref_by_ours[pname], rtol=RTOL)
 
 
+def test_soft_labels_cross_entropy(backend, device):
+    """Float (B, num_labels) probabilities with problem_type single_label_classification: the
+    cross-entropy against them (mixup), through the fused classifier + loss."""
+    hf = hf_model("ViTForImageClassification", num_hidden_layers=1,
+                  problem_type="single_label_classification")
+    ours = ViTForImageClassification.from_hf(hf).to(device)
+    params = list(ours.parameters())
+    pixels = torch.randn(3, 3, 16, 16, device=device)
+    labels = torch.softmax(torch.randn(3, 3, device=device), dim=-1)
+    out = ours(pixels, labels=labels)
+    ref_loss = torch.nn.functional.cross_entropy(out.logits, labels)
+    assert_close("loss", out.loss, ref_loss, rtol=1e-5)
+    grads = torch.autograd.grad(out.loss, params, allow_unused=True, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    for (name, _), g, ref in zip(ours.named_parameters(), grads, ref_grads):
+        if not name.endswith("attention.attention.key.bias"):  # zero up to rounding (shift-invariant softmax)
+            assert_close(f"grad {name}", g, ref, rtol=1e-4)
+
+
 def _hf_param_names(hf, ours):
     """Hugging Face's parameter names in the order of our state_dict keys."""
     ours_to_hf = {ours._hf_key(k): k for k in hf.state_dict()}

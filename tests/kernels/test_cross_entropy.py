@@ -1,0 +1,171 @@
+"""fastdl.functional.linear_cross_entropy on every backend against float64 F.cross_entropy of the
+materialised logits: hard and soft targets, ignore_index, label smoothing, all reductions."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import check_op, saved_bytes
+
+import fastdl
+import fastdl.functional as F
+
+# (tokens, hidden, vocab): several chunks of 16 rows, vocabularies that are not multiples of any
+# tile (and, under the interpreter, span several 256-wide tiles).
+SHAPES = [(37, 24, 300), (5, 16, 17), (20, 8, 1000)]
+# (reduction, label_smoothing)
+SETTINGS = [("mean", 0.0), ("sum", 0.1), ("none", 0.2), ("mean", 0.3)]
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Chunks of 16 rows, so that every test walks several chunks."""
+    monkeypatch.setattr(fastdl.functional.cross_entropy, "MIN_CHUNK_ELEMENTS", 0)
+
+
+def _dtypes(backend):
+    if backend == "triton":
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float64, torch.float32, torch.float16]  # no bf16 arithmetic in the interpreter
+
+
+def ref_loss(hidden, weight, target, bias=None, **kwargs):
+    vocab = weight.shape[0]
+    logits = (hidden @ weight.t() if bias is None else hidden @ weight.t() + bias).reshape(-1, vocab)
+    soft = target.is_floating_point()
+    rows = target.shape[:-1] if soft else target.shape
+    loss = TF.cross_entropy(logits, target.reshape(-1, vocab) if soft else target.reshape(-1), **kwargs)
+    return loss.reshape(rows if kwargs.get("reduction") == "none" else ())
+
+
+def _inputs(n, h, v, dtype, device, soft=False, ignore_index=-100, bias=True):
+    hidden = torch.randn(n, h, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, device=device).to(dtype).requires_grad_() if bias else None
+    if soft:
+        target = torch.softmax(2 * torch.randn(n, v, device=device), dim=-1).to(dtype)
+    else:
+        target = torch.randint(0, v, (n,), device=device)
+        target[torch.rand(n, device=device) < 0.3] = ignore_index
+    return hidden, weight, b, target
+
+
+def _check(hidden, weight, bias, target, **kwargs):
+    def ours(h, w, b):
+        return F.linear_cross_entropy(h, w, target, b, **kwargs)
+
+    def ref(h, w, b):
+        return ref_loss(h, w, target.double() if target.is_floating_point() else target, b, **kwargs)
+
+    def baseline(h, w, b):
+        return ref_loss(h, w, target, b, **kwargs)
+
+    check_op(ours, ref, [hidden, weight, bias], baseline_fn=baseline)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("reduction,smoothing", SETTINGS)
+@pytest.mark.parametrize("dtype_index", [0, 1, 2, 3])
+def test_matches_torch(backend, device, dtype_index, reduction, smoothing, soft):
+    dtypes = _dtypes(backend)
+    if dtype_index >= len(dtypes):
+        pytest.skip("bf16 needs a GPU")
+    dtype = dtypes[dtype_index]
+    n, h, v = SHAPES[dtype_index % len(SHAPES)]
+    _check(*_inputs(n, h, v, dtype, device, soft=soft), reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES)
+def test_shapes_without_bias(backend, device, n, h, v):
+    hidden, weight, _, target = _inputs(n, h, v, torch.float32, device, bias=False)
+    check_op(lambda x, w: F.linear_cross_entropy(x, w, target, label_smoothing=0.05),
+             lambda x, w: ref_loss(x, w, target, label_smoothing=0.05), [hidden, weight])
+
+
+def test_custom_ignore_index_and_batched_hidden(backend, device):
+    """(B, S, H) hidden with (B, S) targets; ignore_index a real class id (7), which is skipped."""
+    hidden = torch.randn(3, 11, 20, device=device, requires_grad=True)
+    weight = torch.randn(50, 20, device=device, requires_grad=True)
+    target = torch.randint(0, 50, (3, 11), device=device)
+    target[:, ::3] = 7
+    for reduction in ("mean", "none"):
+        hidden.grad = weight.grad = None
+        kwargs = dict(ignore_index=7, reduction=reduction)
+        check_op(lambda x, w, kw=kwargs: F.linear_cross_entropy(x, w, target, **kw),
+                 lambda x, w, kw=kwargs: ref_loss(x, w, target, **kw), [hidden, weight])
+
+
+def test_all_targets_ignored(backend, device):
+    """As torch: a NaN mean (0 / 0) and zero gradients."""
+    hidden = torch.randn(6, 16, device=device, requires_grad=True)
+    weight = torch.randn(40, 16, device=device, requires_grad=True)
+    target = torch.full((6,), -100, device=device)
+    loss = F.linear_cross_entropy(hidden, weight, target)
+    ref = TF.cross_entropy(hidden @ weight.t(), target)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_frozen_weight_and_empty_batch(backend, device):
+    hidden = torch.randn(9, 16, device=device, requires_grad=True)
+    weight = torch.randn(33, 16, device=device)
+    target = torch.randint(0, 33, (9,), device=device)
+    check_op(lambda x: F.linear_cross_entropy(x, weight, target, reduction="sum"),
+             lambda x: ref_loss(x, weight.double(), target, reduction="sum"), [hidden])
+    empty = torch.randn(0, 16, device=device, requires_grad=True)
+    weight.requires_grad_()
+    loss = F.linear_cross_entropy(empty, weight, target[:0], reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_module(backend, device):
+    hidden, weight, bias, target = _inputs(21, 16, 70, torch.float32, device)
+    loss_fn = fastdl.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+    assert "label_smoothing=0.1" in repr(loss_fn)
+    ref_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+    check_op(lambda x, w, b: loss_fn(x, w, target, b), lambda x, w, b: ref_fn(x @ w.t() + b, target),
+             [hidden, weight, bias])
+
+
+def test_logits_are_never_saved(backend, device):
+    """Saved for the backward: the gradients (tokens x hidden, vocab x hidden, vocab), nothing of
+    tokens x vocab size, where torch's linear + cross_entropy saves the logits' log-softmax."""
+    n, h, v = 64, 16, 500
+    hidden, weight, bias, target = _inputs(n, h, v, torch.float32, device)
+    ours = saved_bytes(lambda: F.linear_cross_entropy(hidden, weight, target, bias))
+    theirs = saved_bytes(lambda: TF.cross_entropy(TF.linear(hidden, weight, bias), target))
+    assert ours == 4 * (n * h + v * h + v)
+    assert theirs >= 4 * n * v
+
+
+def test_opcheck(backend, device):
+    hidden, weight, bias, target = _inputs(19, 16, 40, torch.float32, device)
+    for reduction in ("mean", "none"):
+        args = (hidden, weight, bias, target, -100, 0.1, reduction, True, True, True, torch.float32)
+        torch.library.opcheck(torch.ops.fastdl.linear_cross_entropy, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t.int()), TypeError, "int64 class indices"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t[:-1]), ValueError, "target of class indices"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, torch.rand(h.shape[0], 3, device=h.device)), ValueError,
+     "soft"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w[:, :-1], t), ValueError, "weight must have shape"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w.double(), t), TypeError, "share a dtype"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t, bias=h.new_zeros(3)), ValueError, "bias"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="avg"), ValueError, "reduction"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(30)), IndexError, "class 30"),
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(-3)), IndexError, "class -3"),
+])
+def test_errors(backend, device, call, error, match):
+    if backend == "triton" and error is IndexError:
+        pytest.skip("CUDA targets are not range-checked (a device-to-host sync); such rows give NaN")
+    h = torch.randn(4, 8, device=device)
+    w = torch.randn(30, 8, device=device)
+    t = torch.randint(0, 30, (4,), device=device)
+    with pytest.raises(error, match=match):
+        call(h, w, t)
