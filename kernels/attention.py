@@ -52,6 +52,15 @@ program per query tile walks the key/value tiles and accumulates dQ. Both are de
 The dK/dV kernel can also write dS per (b, h) for a float mask that requires grad; the caller sums
 it over the mask's broadcast dimensions.
 
+Varlen mode (``VARLEN``, :func:`varlen_attention_fwd` / :func:`varlen_attention_bwd`): sequences
+packed without padding, q (Tq, H, D) and k, v (Tk, H_kv, D), viewed as one (1, H, T, D) batch
+entry; program axis 2 indexes the sequence, whose query rows [cu_q[b], cu_q[b + 1]) and keys
+[cu_k[b], cu_k[b + 1]) each program loads first (``_sequence_bounds``) and works within, in the
+packed tensors' row numbers, so the same tile code, statistics layout (H, Tq) and dropout counters
+(unique over the packed rows) serve both modes. The grid covers the longest sequence; programs
+past their sequence's end return at once. Causal is bottom-right aligned there, as flash-attn's
+varlen functions: row i of a sequence with L queries and S keys sees keys j <= i + S - L.
+
 Block sizes, warps and pipeline stages come from ``kernels.utils.autotune`` over a short list per
 (head-dim class, dtype size, kernel) keyed by the head-dim block, causality and sequence-length
 buckets; the first config of each list is a safe default and the only one under the interpreter.
@@ -135,7 +144,7 @@ def _seq_bucket(n: int) -> int:
 
 
 @triton.jit
-def _scores(qk, rows, cols, b, h, L, S, MASK, smb, smh, sml, sms,
+def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
             CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Scores in base-2 units for one tile: ``qk`` (q k^T already times scale * log2(e)) plus the
     mask; -inf where masked out and, when checked, where a column is past S or causally hidden.
@@ -145,7 +154,8 @@ def _scores(qk, rows, cols, b, h, L, S, MASK, smb, smh, sml, sms,
     serves the forward, the dQ kernel and the transposed tiles of the dK/dV kernel. The column
     and causal tests are compile-time switches: tiles wholly inside S and below the diagonal (the
     bulk of the work) skip them. Rows past L are never tested: no kernel stores them, and the
-    backward gives them P = 0 through an lse of +inf.
+    backward gives them P = 0 through an lse of +inf. Causal: column j is visible from row i when
+    j <= i + causal_shift (0 for dense attention; per sequence in varlen mode).
     """
     if MASK_KIND != 0:
         # Clamped indices keep every mask read in bounds without a predicate; what they fetch for
@@ -160,8 +170,8 @@ def _scores(qk, rows, cols, b, h, L, S, MASK, smb, smh, sml, sms,
             qk = qk + bias * LOG2E
     if CHECK_COLS:
         qk = tl.where(cols < S, qk, float("-inf"))
-    if CHECK_CAUSAL:  # top-left aligned: row i attends columns j <= i, whatever L and S are
-        qk = tl.where(cols <= rows, qk, float("-inf"))
+    if CHECK_CAUSAL:  # dense: top-left aligned, row i attends columns j <= i, whatever L and S are
+        qk = tl.where(cols <= rows + causal_shift, qk, float("-inf"))
     return qk
 
 
@@ -172,16 +182,40 @@ def _dropout_offsets(bh, rows, cols, L, S):
 
 
 @triton.jit
-def _query_tile_ranges(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles a query tile starting at row m0 visits: [0, full) need no column or causal test,
-    [full, hi) need them. Causal: keys past the tile's last row are never visited at all."""
+def _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Key tiles a query tile starting at row m0 visits, of the keys [k_lo, k_hi): [k_lo, full)
+    need no column or causal test, [full, hi) need them. Causal: keys past the tile's last row
+    (+ shift) are never visited at all."""
     if IS_CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M)
-        full = (tl.minimum(m0 + 1, S) // BLOCK_N) * BLOCK_N  # every key <= the tile's first row
+        hi = tl.minimum(k_hi, m0 + BLOCK_M + shift)
+        # every key <= the tile's first row (+ shift)
+        full = k_lo + (tl.maximum(tl.minimum(m0 + 1 + shift, k_hi) - k_lo, 0) // BLOCK_N) * BLOCK_N
     else:
-        hi = S
-        full = (S // BLOCK_N) * BLOCK_N
+        hi = k_hi
+        full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
     return full, hi
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN: tl.constexpr):
+    """(q_lo, q_hi, k_lo, k_hi, causal shift) of the rows and keys program axis 2 works on: in
+    varlen mode, sequence b of the packed tokens, [cu_q[b], cu_q[b + 1]) and [cu_k[b], cu_k[b + 1]),
+    causal bottom-right aligned (shift = k_hi - q_hi, as flash-attn's varlen functions); else the
+    whole [0, L) and [0, S) of batch entry b, causal top-left aligned (shift 0)."""
+    if VARLEN:
+        q_lo = tl.load(CU_Q + b).to(tl.int32)
+        q_hi = tl.load(CU_Q + b + 1).to(tl.int32)
+        k_lo = tl.load(CU_K + b).to(tl.int32)
+        k_hi = tl.load(CU_K + b + 1).to(tl.int32)
+        shift = k_hi - q_hi
+    else:
+        q_lo = b * 0
+        q_hi = q_lo + L
+        k_lo = q_lo
+        k_hi = q_lo + S
+        shift = q_lo
+    return q_lo, q_hi, k_lo, k_hi, shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,23 +224,24 @@ def _query_tile_ranges(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, sks, svs,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
                MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
                CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi) of one query tile; returns (acc, l, m)."""
+    """Online softmax over the key tiles [lo, hi) of one query tile; returns (acc, l, m). Rows
+    and keys end at q_hi and k_hi; L and S size the dropout counters."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
+        col_ok = offs_n < k_hi
         rows_n = offs_n.to(tl.int64)
         kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
                      mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
                     CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
@@ -228,25 +263,31 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, sks, svs,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, MASK,  # Q (B,H,L,D), K (B,Hkv,S,D), V (B,Hkv,S,Dv), OUT (B,H,L,Dv), LSE (B,H,L)
+    CU_Q, CU_K,  # varlen: (sequences + 1,) offsets into the packed L query and S key rows
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sob, soh, sol,
     smb, smh, sml, sms,  # mask strides broadcast to (B, H, L, S); 0 on broadcast dims
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, dropout_p, keep_scale, seed,
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
+    m0 = q_lo + pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= q_hi:  # the grid covers the longest sequence
+            return
+        b = b * 0  # one packed batch entry: the sequence index only chose the bounds
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
-    m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < L
+    row_ok = offs_m < q_hi
     rows_m = offs_m.to(tl.int64)
 
     q_ptrs = Q + b64 * sqb + h.to(tl.int64) * sqh + rows_m[:, None] * sql + offs_d[None, :]
@@ -257,11 +298,13 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    full, hi = _query_tile_ranges(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, 0, full, rows_m, b, h, bh, L, S, sks, svs,
+    full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
+                               sks, svs,
                                MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
                                False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, full, hi, rows_m, b, h, bh, L, S, sks, svs,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
+                               sks, svs,
                                MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
                                True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
                                BLOCK_DV)
@@ -300,10 +343,10 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, bh, offs_m, L):
-    """lse in base 2 and delta for query rows offs_m. Rows past L, and fully masked rows (lse =
-    -inf), get lse = +inf, which makes every P of the row exp2(s - inf) = 0."""
-    row_ok = offs_m < L
+def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
+    """lse in base 2 and delta for query rows offs_m of (.., L) rows. Rows past q_hi, and fully
+    masked rows (lse = -inf), get lse = +inf, which makes every P of the row exp2(s - inf) = 0."""
+    row_ok = offs_m < q_hi
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
@@ -312,6 +355,7 @@ def _load_row_stats(LSE, DELTA, bh, offs_m, L):
 
 @triton.jit
 def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok, b, h, bh, L, S,
+                  q_hi, k_hi, shift,
                   sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed,
                   HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -325,16 +369,16 @@ def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < L
+        row_ok = offs_m < q_hi
         rows_m = offs_m.to(tl.int64)
         qt = tl.load(Qh + rows_m[None, :] * sql + offs_d[:, None],
                      mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         do = tl.load(DOh + rows_m[:, None] * sdol + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L)
+        lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
 
         st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
-        st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, L, S, MASK, smb, smh, sml, sms,
+        st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
                      False, CHECK_CAUSAL, MASK_KIND)
         pt = tl.math.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -355,23 +399,29 @@ def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok
 @triton.jit
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
+    CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms, sdsb, sdsh, sdsl,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
     (in a fixed order, in registers: deterministic, no atomics)."""
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1)
     b = tl.program_id(2)
+    q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
+    n0 = k_lo + pid_n * BLOCK_N
+    if VARLEN:
+        if n0 >= k_hi:
+            return
+        b = b * 0
     b64 = b.to(tl.int64)
-    n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < S
+    col_ok = offs_n < k_hi
     rows_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -384,12 +434,13 @@ def _attn_bwd_kv_kernel(
 
     if IS_CAUSAL:
         # Query tiles wholly above the diagonal see none of these keys and are skipped; tiles
-        # from `full` on (first row >= last key) see all of them and skip the causal test.
-        lo = (n0 // BLOCK_M) * BLOCK_M
-        full = tl.minimum(((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, L)
+        # from `full` on (first row + shift >= last key) see all of them and skip the causal test.
+        lo = q_lo + (tl.maximum(n0 - shift - q_lo, 0) // BLOCK_M) * BLOCK_M
+        last = tl.maximum(n0 + BLOCK_N - 1 - shift - q_lo, 0)
+        full = tl.minimum(q_lo + ((last + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_hi)
     else:
-        lo = 0
-        full = 0
+        lo = q_lo
+        full = q_lo
     for g in range(0, GROUP):
         h = h_kv * GROUP + g
         bh = b * H + h
@@ -397,13 +448,13 @@ def _attn_bwd_kv_kernel(
         DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
         DSh = DS + b64 * sdsb + h.to(tl.int64) * sdsh
         dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, full, rows_n, col_ok, b, h, bh,
-                               L, S, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p,
-                               keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND, HAS_DROPOUT,
-                               MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, L, rows_n, col_ok, b, h, bh,
-                               L, S, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p,
-                               keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND, HAS_DROPOUT,
-                               MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
+                               L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
+                               dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
+                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, rows_n, col_ok, b, h, bh,
+                               L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
+                               dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
+                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
 
     dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
@@ -413,7 +464,7 @@ def _attn_bwd_kv_kernel(
 
 
 @triton.jit
-def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, sks, svs,
+def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
                  MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
                  CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr,
@@ -424,14 +475,14 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, sk
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
+        col_ok = offs_n < k_hi
         rows_n = offs_n.to(tl.int64)
         kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
                      mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         vt = tl.load(V + rows_n[None, :] * svs + offs_dv[:, None],
                      mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, L, S, MASK, smb, smh, sml, sms,
+        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
                     CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -446,24 +497,30 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, sk
 @triton.jit
 def _attn_bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DQ,  # DQ like Q
+    CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol, sdqb, sdqh, sdql,
     smb, smh, sml, sms,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dQ for BLOCK_M query rows of one (batch, head): each element written once, no atomics."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
+    m0 = q_lo + pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= q_hi:
+            return
+        b = b * 0
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
-    m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < L
+    row_ok = offs_m < q_hi
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -471,18 +528,19 @@ def _attn_bwd_q_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b64 * sdob + h.to(tl.int64) * sdoh + rows_m[:, None] * sdol + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L)
+    lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
     K += b64 * skb + h_kv.to(tl.int64) * skh
     V += b64 * svb + h_kv.to(tl.int64) * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full, hi = _query_tile_ranges(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, 0, full, rows_m, b, h, bh, L, S, sks, svs,
-                      MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                      False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
-    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, full, hi, rows_m, b, h, bh, L, S, sks, svs,
-                      MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                      True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+    full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
+                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM,
+                      HEAD_DIM_V, False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
+                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM,
+                      HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
+                      BLOCK_DV)
 
     dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -569,19 +627,27 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
         return o, lse.fill_(float("-inf"))
     if S == 0:  # nothing to attend: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
+    _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, None)
+    return o, lse
+
+
+def _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, varlen):
+    """The forward kernel over (B, H, L, D)-shaped views; ``varlen`` = (cu_q, cu_k, max_q, max_k)
+    runs one program row per packed sequence instead (B = 1, L and S the token totals)."""
+    B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
     mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
+    cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
     BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
     kernel = _tuned_kernel("fwd", _attn_fwd_kernel, _FWD_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), H, batch)
     kernel[grid](
-        q, k, v, o, lse, mask,
+        q, k, v, o, lse, mask, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
         H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, float(dropout_p),
-        _keep_scale(dropout_p), int(seed), _seq_bucket(L), _seq_bucket(S),
+        _keep_scale(dropout_p), int(seed), _seq_bucket(rows), _seq_bucket(keys),
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
-        PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VARLEN=varlen is not None,
     )
-    return o, lse
 
 
 def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -612,12 +678,24 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if S == 0 or L == 0 or B * H == 0:  # nothing attended: every gradient is 0
         dmask = _sum_to_shape(ds.zero_(), attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_causal, scale, dropout_p, seed,
+                None)
+    dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask
+
+
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_causal, scale, dropout_p, seed,
+                varlen):
+    """The three backward kernels over (B, H, L, D)-shaped views (``varlen`` as in _launch_fwd)."""
+    B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
     mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
+    cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
     BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
     common = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
-                  PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+                  PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                  VARLEN=varlen is not None)
     scalars = (H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, scale, float(dropout_p),
-               _keep_scale(dropout_p), int(seed), _seq_bucket(L), _seq_bucket(S))
+               _keep_scale(dropout_p), int(seed), _seq_bucket(rows), _seq_bucket(keys))
 
     delta = _alloc((B, H, L), torch.float32, q.device)
     DELTA_BLOCK_M = 16 if BLOCK_DV >= 256 else 32
@@ -626,21 +704,71 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
 
     kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    kv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), H_kv, B)](
-        q, k, v, do, lse, delta, mask, dk, dv, ds if mask_grad else dk,
+    kv_kernel[lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), H_kv, batch)](
+        q, k, v, do, lse, delta, mask, dk, dv, ds if mask_grad else dk, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
         *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, MASK_GRAD=mask_grad, **common)
 
     q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    q_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
-        q, k, v, do, lse, delta, mask, dq,
+    q_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), H, batch)](
+        q, k, v, do, lse, delta, mask, dq, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *mask_strides, *scalars, **common)
-
-    dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask
 
 
 def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length (packed) sequences
+# ---------------------------------------------------------------------------------------------
+
+
+def _packed_view(t: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads, dim) as a (1, heads, tokens, dim) view: one batch entry whose rows are
+    every sequence's tokens; the kernels' varlen mode picks each sequence's rows out of it."""
+    return _last_dim_contiguous(t).permute(1, 0, 2).unsqueeze(0)
+
+
+def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                         seed: int = 0):
+    """Attention within each of several packed sequences (flash-attn's varlen layout).
+
+    q (Tq, H, D), k (Tk, H_kv, D), v (Tk, H_kv, Dv); sequence i has query rows
+    [cu_seqlens_q[i], cu_seqlens_q[i + 1]) and keys [cu_seqlens_k[i], cu_seqlens_k[i + 1])
+    (int32 or int64 offsets, (sequences + 1,), on q's device), no longer than max_seqlen_q /
+    max_seqlen_k. ``is_causal``: bottom-right aligned per sequence (query row i of a sequence of
+    L queries and S keys attends keys j <= i + S - L). Rows outside every sequence get 0.
+
+    Returns o (Tq, H, Dv) in q's dtype and lse (H, Tq) float32 (-inf where nothing is attended).
+    """
+    qp, kp, vp = (_packed_view(t) for t in (q, k, v))
+    _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
+    scale = D ** -0.5 if scale is None else float(scale)
+    o = torch.zeros((L, H, DV), dtype=q.dtype, device=q.device)
+    lse = torch.full((1, H, L), float("-inf"), dtype=torch.float32, device=q.device)
+    if o.numel() and S and max_seqlen_q > 0 and cu_seqlens_q.numel() > 1:
+        _launch_fwd(qp, kp, vp, o.permute(1, 0, 2).unsqueeze(0), lse, None, is_causal, scale, dropout_p, seed,
+                    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    return o, lse[0]
+
+
+def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
+                         scale: float | None = None, dropout_p: float = 0.0, seed: int = 0):
+    """Gradients of :func:`varlen_attention_fwd`: dq, dk, dv shaped like q, k, v (keys outside
+    every sequence get 0). do, o (Tq, H, Dv); lse (H, Tq) from the forward."""
+    qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))
+    _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
+    scale = D ** -0.5 if scale is None else float(scale)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if L and S and max_seqlen_q > 0 and max_seqlen_k > 0 and cu_seqlens_q.numel() > 1:
+        dqp, dkp, dvp = (t.permute(1, 0, 2).unsqueeze(0) for t in (dq, dk, dv))
+        _launch_bwd(dop, qp, kp, vp, op, lse.unsqueeze(0), dqp, dkp, dvp, dq, None, False, is_causal, scale,
+                    dropout_p, seed, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    return dq, dk, dv

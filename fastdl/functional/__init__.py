@@ -3,7 +3,7 @@
 Every function picks its backend per call (see :mod:`fastdl.backend`).
 """
 
-from .attention import scaled_dot_product_attention
+from .attention import scaled_dot_product_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .dropout import dropout, dropout_add_layer_norm
 from .embedding import bert_embeddings, embedding
@@ -19,4 +19,5 @@ __all__ = [
     "embedding",
     "bert_embeddings",
     "linear_cross_entropy",
+    "varlen_attention",
 ]

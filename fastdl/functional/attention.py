@@ -170,3 +170,170 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, bool(is_causal),
         None if scale is None else float(scale), dropout_p, seed)
     return out.view(*query.shape[:-1], value.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length (packed) attention
+# ---------------------------------------------------------------------------------------------
+
+_VARLEN_OP = "varlen_attention"
+
+
+def _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_floating(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total_tokens, heads, head_dim), got {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+            raise TypeError(f"{name} must be a 1-dim int32 or int64 tensor of sequence offsets")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must hold at least one offset (sequences + 1 of them)")
+    check_same_device("q", dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} offsets")
+    if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(q and k share the head dim, k and v the tokens and heads)")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number between 0 and 1, got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+
+
+def _varlen_unsupported(q: torch.Tensor, v: torch.Tensor, name: str) -> str | None:
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"the kernel computes in fp16, bf16 or fp32, not {q.dtype}"
+    if q.dtype == torch.bfloat16 and name == "interpret":
+        return "Triton's interpreter cannot compute bf16 dot products"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]}, {v.shape[-1]})"
+    return None
+
+
+def _varlen_backend(q: torch.Tensor, v: torch.Tensor) -> str:
+    return backend.select(_VARLEN_OP, q, unsupported=_varlen_unsupported(q, v, backend.resolve(q)))
+
+
+def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed):
+    """PyTorch path, one sequence at a time (reads the offsets on the host): (o (Tq, H, Dv),
+    lse (H, Tq)); differentiable. Dropout masks come from a generator seeded with ``seed``."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
+    o = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    bounds = zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist()[:-1],
+                 cu_seqlens_k.tolist()[1:])
+    for q0, q1, k0, k1 in bounds:
+        qs = q[q0:q1].transpose(0, 1).to(acc)                                  # (H, L, D)
+        ks = k[k0:k1].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)  # (H, S, D)
+        vs = v[k0:k1].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)
+        s = qs @ ks.transpose(1, 2) * scale
+        if is_causal:  # bottom-right aligned: row i sees keys j <= i + S - L
+            s = s.masked_fill(~torch.ones(s.shape[1:], dtype=torch.bool, device=s.device).tril(
+                s.shape[2] - s.shape[1]), float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None])
+        if dropout_p > 0:
+            keep = torch.rand(p.shape, generator=gen, device=p.device) >= dropout_p
+            p = p * keep / (1.0 - dropout_p) if dropout_p < 1 else p * 0
+        o = o.index_copy(0, torch.arange(q0, q1, device=q.device), (p @ vs).transpose(0, 1).to(q.dtype))
+        lse[:, q0:q1] = row_lse.detach().float()
+    return o, lse
+
+
+@torch.library.custom_op("fastdl::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+                         is_causal: bool, scale: float | None,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (Tq, H, Dv), lse (H, Tq) float32) of attention within each packed sequence."""
+    if _varlen_backend(q, v) == "torch":
+        return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
+    return backend.kernels("attention").varlen_attention_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed):
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
+            q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdl::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                  dropout_p: float, is_causal: bool, scale: float | None,
+                                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
+    return backend.kernels("attention").varlen_attention_bwd(
+        grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+        dropout_p, seed)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+      scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, seed = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = (max_q, max_k, dropout_p, is_causal, scale, seed)
+    ctx.backend_name = _varlen_backend(q, v)
+
+
+def _varlen_grad(ctx, grad, _lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if ctx.backend_name == "torch":  # differentiate the PyTorch forward again (same seed, same masks)
+        _, _, dropout_p, is_causal, scale, seed = ctx.args
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            o, _ = _varlen_torch(*leaves, cu_q, cu_k, dropout_p, is_causal, scale, seed)
+            dq, dk, dv = torch.autograd.grad(o, leaves, grad)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.fastdl.varlen_attention_backward(grad.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                                            *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_varlen_attention_op.register_autograd(_varlen_grad, setup_context=_varlen_setup)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Attention within each of several sequences packed without padding, as flash-attn's
+    ``flash_attn_varlen_func``.
+
+    q (Tq, H, D), k (Tk, H_kv, D), v (Tk, H_kv, Dv), H a multiple of H_kv (grouped-query
+    attention: query head h reads key/value head h // (H // H_kv)). Sequence i owns query rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` and key rows ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]``
+    (int32/int64 offsets starting at 0, (sequences + 1,)), at most ``max_seqlen_q`` /
+    ``max_seqlen_k`` long (not checked: it sizes the launch grid; a longer sequence is not
+    fully computed). ``is_causal``: bottom-right aligned, as flash-attn >= 2.1 -- query row i of
+    a sequence of L queries and S keys attends keys j <= i + S - L (top-left when L == S; rows
+    with no key to attend, i < L - S, return 0). ``scale`` defaults to 1 / sqrt(D); dropout on
+    the attention probabilities, seeded from torch's generator. Returns (Tq, H, Dv); rows outside
+    every sequence are 0. The torch path (float64, or forced) loops over the sequences on the host.
+    """
+    _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale)
+    dropout_p = float(dropout_p)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else 0
+    out, _ = torch.ops.fastdl.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                               int(max_seqlen_k), dropout_p, bool(is_causal),
+                                               None if scale is None else float(scale), seed)
+    return out

@@ -1,0 +1,127 @@
+"""fastdl.functional.varlen_attention (flash-attn's varlen semantics) on every backend against
+per-sequence float64 scaled_dot_product_attention, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import assert_close, check_op
+
+import fastdl.functional as F
+
+# (query lengths, key lengths): ragged, with an empty sequence, lengths that are not multiples of
+# any tile (the interpreter's tiles are 64 rows: 70 crosses one), L != S in both directions.
+LENGTHS = {
+    "self": ([5, 70, 0, 17], None),
+    "cross": ([9, 33, 1], [20, 3, 40]),
+}
+
+
+def _cu(lengths, device):
+    return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+
+
+def ref_varlen(q, k, v, cu_q, cu_k, is_causal=False, scale=None):
+    """Per-sequence SDPA (explicit bottom-right causal mask when L != S); float64 inputs."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    pieces = []
+    bounds = zip(cu_q.tolist()[:-1], cu_q.tolist()[1:], cu_k.tolist()[:-1], cu_k.tolist()[1:])
+    for q0, q1, k0, k1 in bounds:
+        qs, ks, vs = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
+        mask = None
+        if is_causal:
+            mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
+        if q1 > q0 and k1 > k0:
+            o = TF.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                enable_gqa=qs.shape[0] != ks.shape[0])
+            # rows with no key to attend: 0, as flash-attn (SDPA's math path gives NaN or 0)
+            o = torch.nan_to_num(o, nan=0.0)
+            if mask is not None:
+                o = o * mask.any(-1)[None, :, None]
+            pieces.append((q0, q1, o.transpose(0, 1)))
+    for q0, q1, o in pieces:
+        out = torch.cat([out[:q0], o, out[q1:]])
+    return out
+
+
+def _inputs(lengths_q, lengths_k, heads, kv_heads, d, dtype, device):
+    lengths_k = lengths_q if lengths_k is None else lengths_k
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(tq, heads, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(tk, kv_heads, d, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(tk, kv_heads, d, device=device, dtype=dtype, requires_grad=True)
+    return q, k, v, _cu(lengths_q, device), _cu(lengths_k, device), max(lengths_q), max(lengths_k)
+
+
+def _dtype(backend, name):
+    if name == "float64" and backend != "torch":
+        pytest.skip("the kernels compute in fp16/bf16/fp32; float64 runs on the torch path")
+    return getattr(torch, name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", list(LENGTHS))
+def test_matches_per_sequence_sdpa(backend, device, kind, is_causal, dtype_name):
+    dtype = _dtype(backend, dtype_name)
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs(*LENGTHS[kind], 2, 2, 16, dtype, device)
+    check_op(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal),
+             lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, is_causal), [q, k, v], rtol=2e-4, grad_rtol=2e-4)
+
+
+def test_gqa_scale_and_head_dims(backend, device):
+    """4 query heads over 2 key/value heads, head dim 24 (not a power of two), explicit scale."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([13, 40, 6], None, 4, 2, 24, torch.float32, device)
+    check_op(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True, scale=0.3),
+             lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, True, scale=0.3), [q, k, v],
+             rtol=2e-4, grad_rtol=2e-4)
+
+
+def test_half_precision(backend, device):
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([21, 50], None, 2, 2, 32, torch.float16, device)
+    check_op(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k),
+             lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k),
+             [q, k, v], baseline_fn=lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k))
+
+
+def test_equals_padded_attention(backend, device):
+    """Packing then attending equals masked attention on the padded batch, row for row."""
+    lengths, pad_to = [7, 30, 19], 30
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs(lengths, None, 2, 2, 16, torch.float32, device)
+    out = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    mask = torch.arange(pad_to, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+
+    def pad(t):
+        padded = t.new_zeros(len(lengths), pad_to, *t.shape[1:])
+        padded[mask] = t
+        return padded.transpose(1, 2)
+
+    dense = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None, None, :])
+    assert_close("packed vs padded", out, dense.transpose(1, 2)[mask], rtol=2e-4)
+
+
+def test_dropout_is_reproducible(backend, device):
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([12, 33], None, 2, 2, 16, torch.float32, device)
+    torch.manual_seed(3)
+    a = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.3)
+    torch.manual_seed(3)
+    b = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.3)
+    full = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    assert torch.equal(a, b) and not torch.allclose(a, full)
+    a.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: {**a, "cu_seqlens_q": a["cu_seqlens_q"].float()}, TypeError, "cu_seqlens_q"),
+    (lambda a: {**a, "cu_seqlens_k": a["cu_seqlens_k"][:-1]}, ValueError, "as many sequences"),
+    (lambda a: {**a, "k": a["k"][:, :, :-1]}, ValueError, "shapes do not fit"),
+    (lambda a: {**a, "q": a["q"][None]}, ValueError, "total_tokens, heads, head_dim"),
+    (lambda a: {**a, "v": a["v"].double()}, TypeError, "same dtype"),
+    (lambda a: {**a, "max_seqlen_q": -1}, ValueError, "max_seqlen_q"),
+    (lambda a: {**a, "dropout_p": 1.5}, ValueError, "dropout_p"),
+])
+def test_errors(backend, device, change, error, match):
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([3, 4], None, 2, 2, 16, torch.float32, device)
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    with pytest.raises(error, match=match):
+        F.varlen_attention(**change(args))
