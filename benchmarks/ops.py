@@ -20,7 +20,9 @@ How work is counted (the runner divides it by the median time):
   a higher fraction of the copy bandwidth.
 * Model training steps (``train``): model FLOPs, 3× the forward's matmul FLOPs
   (``2·tokens·matmul parameters`` + attention's ``4·B·L²·hidden`` per layer), as for MFU; no
-  recomputation is counted.
+  recomputation is counted. BERT's batch has a realistic mix of lengths (padded): its FLOPs are
+  counted on the real tokens only (``4·Σ L_b²·hidden`` for attention), so a padded step shows the
+  padding it wastes as a lower throughput.
 """
 
 from __future__ import annotations
@@ -579,12 +581,14 @@ def _attention_impls(env: Env, shape, causal: bool, mode: str, grad: bool, dtype
 # Training steps: BERT-base masked LM, ViT-B/16
 # ---------------------------------------------------------------------------------------------
 
-def _train_step(model: torch.nn.Module, batch: Callable[[], dict], loss_of: Callable) -> Callable[[], None]:
-    """forward, backward, AdamW step (fused on CUDA), gradients dropped."""
+def _train_step(model: torch.nn.Module, batch: Callable[[], dict], loss_of: Callable,
+                extra: dict | None = None) -> Callable[[], None]:
+    """forward, backward, AdamW step (fused on CUDA), gradients dropped. ``extra``: further
+    keyword arguments of the model's forward (fastdl's own options)."""
     fused = next(model.parameters()).is_cuda
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                                   **({"fused": True} if fused else {}))
-    inputs = batch()
+    inputs = {**batch(), **(extra or {})}
 
     def step() -> None:
         loss = loss_of(model(**inputs))
@@ -614,20 +618,26 @@ def _hf_model(cls_name: str, config_name: str, fields: dict) -> torch.nn.Module:
 
 
 def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], fastdl_model: Callable,
-                 hf_names: tuple[str, str], fields: dict) -> dict[str, Builder]:
+                 hf_names: tuple[str, str], fields: dict,
+                 fastdl_variants: dict[str, tuple[dict, dict]] | None = None) -> dict[str, Builder]:
     """Training-step builders for one model: fastdl's, the Hugging Face model in eager mode and,
-    where enabled, that model under torch.compile."""
+    where enabled, that model under torch.compile. ``fastdl_variants`` maps an implementation
+    name to (config overrides, forward keyword arguments) of a fastdl model (default: one
+    "fastdl" with neither)."""
 
-    def build(make_model) -> Builder:
+    def build(make_model, extra=None) -> Builder:
         def builder() -> Impl:
             model = make_model().to(device=env.device, dtype=dtype).train()
-            return Impl(_train_step(model, make_batch, lambda out: out.loss), [], None)
+            return Impl(_train_step(model, make_batch, lambda out: out.loss, extra), [], None)
         return builder
 
-    def fastdl_builder() -> Impl:
-        impl = build(fastdl_model)()
-        impl.backend = importlib.import_module("fastdl.backend").resolve(torch.empty(0, device=env.device))
-        return impl
+    def fastdl_builder(overrides: dict, extra: dict) -> Builder:
+        def builder() -> Impl:
+            impl = build(lambda: fastdl_model(**overrides), extra)()
+            probe = torch.empty(0, device=env.device)
+            impl.backend = importlib.import_module("fastdl.backend").resolve(probe)
+            return impl
+        return builder
 
     def eager_model():
         return _hf_model(*hf_names, fields)
@@ -636,7 +646,9 @@ def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], f
         torch._dynamo.reset()
         return build(lambda: torch.compile(eager_model()))()
 
-    impls: dict[str, Builder] = {"fastdl": fastdl_builder, "eager": build(eager_model)}
+    variants = fastdl_variants or {"fastdl": ({}, {})}
+    impls: dict[str, Builder] = {name: fastdl_builder(*v) for name, v in variants.items()}
+    impls["eager"] = build(eager_model)
     if env.compile:
         impls["compile"] = compile_builder
     return impls
@@ -652,21 +664,58 @@ def _bert_cases(env: Env) -> list[Case]:
                       intermediate_size=256)
         batch, seq, dtype, label = 2, 32, torch.float32, "BERT-tiny"
 
+    lengths = padded_lengths(batch, seq)
+
     def make_batch():
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(5, fields["vocab_size"], (batch, seq), generator=gen)
-        labels = torch.where(torch.rand(batch, seq, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
-        return {"input_ids": ids.to(env.device), "labels": labels.to(env.device)}
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = ids * mask
+        scored = (torch.rand(batch, seq, generator=gen) < 0.15) & mask.bool()
+        labels = torch.where(scored, ids, torch.full_like(ids, -100))
+        return {"input_ids": ids.to(env.device), "attention_mask": mask.to(env.device),
+                "labels": labels.to(env.device)}
 
-    def fastdl_model():
-        return fastdl_attr("models", "BertForMaskedLM")(fastdl_attr("models", "BertConfig")(**fields))
+    def fastdl_model(**overrides):
+        config = fastdl_attr("models", "BertConfig")(**fields, **overrides)
+        return fastdl_attr("models", "BertForMaskedLM")(config)
 
-    impls = _model_impls(env, dtype, make_batch, fastdl_model, ("BertForMaskedLM", "BertConfig"), fields)
+    # fastdl unpadded (the default on the kernel path) and padded, side by side; both skip the
+    # (tokens, vocab) logits output the loss does not need.
+    variants = {"fastdl": ({"unpad": True}, {"return_logits": False}),
+                "fastdl padded": ({"unpad": False}, {"return_logits": False})}
+    impls = _model_impls(env, dtype, make_batch, fastdl_model, ("BertForMaskedLM", "BertConfig"), fields,
+                         variants)
     h, i, v = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
-    flops = _model_flops(batch * seq, batch, seq, fields["num_hidden_layers"], h, i, h * h + v * h)
-    return [Case("bert_train", "train", f"{label} {batch}x{seq} {dtype_name(dtype)}",
-                 {"batch": batch, "seq": seq, "dtype": dtype_name(dtype), **fields}, "TFLOP/s", flops,
-                 batch * seq, "tokens", "bert_train", impls, priority=0)]
+    flops = bert_flops(lengths.tolist(), fields["num_hidden_layers"], h, i, v, padded_to=None)
+    tokens = int(lengths.sum())
+    share = f"{tokens} real tokens, {tokens / (batch * seq):.0%}"
+    return [Case("bert_train", "train", f"{label} {batch}x{seq} ({share}) {dtype_name(dtype)}",
+                 {"batch": batch, "seq": seq, "tokens": tokens, "dtype": dtype_name(dtype), **fields},
+                 "TFLOP/s", flops, tokens, "tokens", "bert_train", impls, priority=0)]
+
+
+def padded_lengths(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """A realistic mix of sentence-pair lengths for a batch padded to ``seq``: log-normal, median
+    about 40% of ``seq`` (as English pre-training and GLUE-style data packed to 128 or 512),
+    clipped to [8, seq]; one row is full length, so the padded shape is really needed."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(batch, generator=gen) * 0.5) * 0.4 * seq
+    lengths = lengths.round().clamp(min(8, seq), seq).long()
+    lengths[0] = seq
+    return lengths
+
+
+def bert_flops(lengths: Sequence[int], layers: int, hidden: int, intermediate: int, vocab: int,
+               padded_to: int | None) -> float:
+    """Training FLOPs (3 x forward) of a BERT encoder + MLM transform over sequences of ``lengths``
+    tokens, every one of them through the vocabulary projection as an unfused head would;
+    ``padded_to``: as computed on the padded batch (every sequence that long)."""
+    lengths = [padded_to] * len(lengths) if padded_to is not None else list(lengths)
+    tokens = sum(lengths)
+    matmul = layers * (4 * hidden * hidden + 2 * hidden * intermediate) + hidden * hidden + vocab * hidden
+    attention = 4.0 * hidden * layers * sum(n * n for n in lengths)
+    return 3 * (2.0 * tokens * matmul + attention)
 
 
 def _vit_cases(env: Env) -> list[Case]:

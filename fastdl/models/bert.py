@@ -16,15 +16,25 @@ key-padding mask that the attention kernel broadcasts; no (S, S) mask is built. 
 rows are computed like the others (they attend to the real tokens) and are meaningless, as in
 Hugging Face. Module and parameter names follow Hugging Face's checkpoints, so
 ``from_pretrained`` maps keys one to one.
+
+Unpadded mode (``config.unpad``; by default on whenever a mask is given and the kernels run):
+the padding tokens are dropped right after the embeddings, every layer runs on the packed
+(tokens, hidden) rows -- its matmuls, norms and ``F.varlen_attention`` see no padding at all --
+and the padded (B, S, hidden) layout is restored at the end, with zeros at the padded
+positions. Real tokens get the same values and gradients as in the padded path. Finding the
+tokens (``nonzero`` on the mask) waits for the GPU once per forward, as flash-attn's
+``unpad_input`` does; ``unpad=False`` keeps the padded path and its asynchrony.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as TF
 
+from .. import backend as fastdl_backend
 from .. import functional as F
 from .. import nn as fnn
 from ._common import (
@@ -76,6 +86,8 @@ class BertConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
     is_decoder: bool = False
     add_cross_attention: bool = False
+    # Drop padding tokens inside the encoder: None = when a mask is given and the kernels run.
+    unpad: bool | None = None
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -121,6 +133,25 @@ class BertEmbeddings(torch.nn.Module):
                                  self.dropout.p, self.training, padding_idx=self.word_embeddings.padding_idx)
 
 
+class PackedSequences(NamedTuple):
+    """Where each sequence's tokens lie in a packed (tokens, hidden) tensor: sequence i is rows
+    cu_seqlens[i]:cu_seqlens[i + 1] (int32, (B + 1,)); max_seqlen bounds every length."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, PackedSequences]:
+    """(indices of the real tokens in the flattened (B * S) positions, their PackedSequences)
+    from a (B, S) mask of 1 (token) and 0 (padding), at any positions. ``nonzero`` makes this
+    wait for the GPU (the number of tokens sizes its output); the padded length S bounds the
+    sequence lengths, so no other value is read back."""
+    mask = attention_mask.bool()
+    indices = mask.reshape(-1).nonzero().squeeze(1)
+    cu_seqlens = torch.nn.functional.pad(mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return indices, PackedSequences(cu_seqlens, mask.shape[1])
+
+
 class BertSelfAttention(torch.nn.Module):
     """Multi-head self-attention projections and the fused attention kernel."""
 
@@ -132,10 +163,16 @@ class BertSelfAttention(torch.nn.Module):
         self.value = torch.nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | PackedSequences | None) -> torch.Tensor:
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(mask, PackedSequences):  # x: (tokens, hidden) of packed sequences
+            q, k, v = (proj(x).view(x.shape[0], self.num_heads, -1)
+                       for proj in (self.query, self.key, self.value))
+            out = F.varlen_attention(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
+                                     mask.max_seqlen, dropout_p=dropout_p)
+            return out.reshape(x.shape)
         q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return merge_heads(out)
 
 
@@ -336,9 +373,20 @@ class BertModel(BertPreTrainedModel):
         batch, seq = input_ids.shape
         mask = key_padding_mask(attention_mask, batch, seq, input_ids.device)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        x = self.encoder(x, mask)
+        if self._unpad(mask, x):
+            indices, packed = unpad_indices(attention_mask)
+            flat = x.reshape(batch * seq, -1)
+            tokens = self.encoder(flat.index_select(0, indices), packed)
+            x = flat.new_zeros(flat.shape).index_copy(0, indices, tokens).view(x.shape)
+        else:
+            x = self.encoder(x, mask)
         pooled = self.pooler(x) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
+
+    def _unpad(self, mask: torch.Tensor | None, x: torch.Tensor) -> bool:
+        if mask is None or self.config.unpad is False:
+            return False
+        return bool(self.config.unpad) or fastdl_backend.resolve(x) != "torch"
 
 
 class BertForMaskedLM(BertPreTrainedModel):

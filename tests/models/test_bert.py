@@ -87,9 +87,9 @@ def reference(model):
 def compare_outputs(ours, ref, mask=None):
     for key in ours.keys():
         a, r = ours[key], ref[key]
-        if key == "last_hidden_state" and mask is not None:
-            # Padded positions hold no meaning; compare the real tokens.
-            a, r = a[mask.bool()], r[mask.bool().cpu()]
+        if key in ("last_hidden_state", "logits", "prediction_logits") and mask is not None and a.dim() == 3:
+            # Padded positions hold no meaning (0 in unpadded mode); compare the real tokens.
+            a, r = a[mask.bool().to(a.device)], r[mask.bool().cpu()]
         assert_close(key, a.cpu(), r, rtol=RTOL)
 
 
@@ -110,7 +110,7 @@ def _grads_match_hf(ours, hf, inputs, labels, device):
     ref = reference(hf)
     ours_out = ours(*[t.to(device) for t in inputs], **{k: v.to(device) for k, v in labels.items()})
     ref_out = ref(*inputs, **labels)
-    compare_outputs(ours_out, ref_out)
+    compare_outputs(ours_out, ref_out, inputs[1])
     ours_out.loss.backward()
     ref_out.loss.backward()
     ref_params = dict(ref.named_parameters())
@@ -188,6 +188,33 @@ def test_masked_lm_fused_loss_without_logits(backend, device):
             assert_close(f"grad {name}", g, ref, rtol=1e-4)
     with pytest.raises(ValueError, match="labels"):
         ours(ids, mask, types, labels=labels[:, :-1])
+
+
+def test_unpadded_encoder_equals_padded(backend, device):
+    """unpad=True (padding dropped after the embeddings, varlen attention, layout restored) gives
+    the padded path's outputs and gradients at every real token; padded positions are 0."""
+    hf = hf_model("BertForPreTraining")
+    padded = BertForPreTraining.from_hf(hf).to(device)
+    padded.config.unpad = False
+    unpadded = copy.deepcopy(padded)
+    unpadded.config.unpad = True
+    ids, mask, types = (t.to(device) for t in batch(b=3, s=11))
+    mask[2, :3] = 0  # padding at the start of a row, too
+    real = mask.bool()
+    outs, grads = [], []
+    for model in (padded, unpadded):
+        out = model(ids, mask, types)
+        hidden = model.bert(ids, mask, types).last_hidden_state
+        weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        loss = (hidden[real] * weights[real]).sum() + (out.prediction_logits[real] ** 2).mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+        outs.append((hidden, out.prediction_logits))
+    assert torch.equal(outs[1][0][~real], torch.zeros_like(outs[1][0][~real]))
+    for a, b, name in zip(outs[0], outs[1], ("last_hidden_state", "prediction_logits")):
+        assert_close(name, b[real], a[real], rtol=RTOL)
+    for (name, _), g_padded, g_unpadded in zip(padded.named_parameters(), *grads):
+        if not name.endswith("attention.self.key.bias"):  # zero up to rounding (shift-invariant softmax)
+            assert_close(f"grad {name}", g_unpadded, g_padded, rtol=RTOL)
 
 
 def test_from_hf_keeps_device_dtype_and_training_flag(torch_path):
