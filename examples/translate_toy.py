@@ -1,4 +1,4 @@
-"""Teach an encoder-decoder Transformer to reverse sequences, then decode greedily.
+"""Teach an encoder-decoder Transformer to reverse sequences, then decode greedily and by beam search.
 
     python examples/translate_toy.py                 # about 3 minutes on a CPU
     python examples/translate_toy.py --task sort     # sort the symbols instead of reversing them
@@ -7,7 +7,10 @@ The "translation": a source of 4 to 12 symbols drawn from an alphabet of 10, who
 same symbols reversed (``--task reverse``, default) or sorted (``--task sort``). Every batch is
 freshly sampled, so the model cannot memorise; 500 held-out sources (fixed seed) are decoded
 with ``Seq2SeqTransformer.generate`` — greedy, one token at a time from [BOS] until [EOS] — and
-scored by exact match (the whole output right, [EOS] included) and per-token accuracy.
+scored by exact match (the whole output right, [EOS] included) and per-token accuracy. At the
+end the held-out set is decoded again, timed: greedy and beam search (``--num-beams``), each with
+the key/value cache (each step feeds one token) and without it (each step re-runs the decoder
+over the prefix), reporting generated tokens per second.
 
 Model: ``fastdl.models.Seq2SeqTransformer`` (2 + 2 layers, d_model 64, 4 heads, tied output
 projection), whose embeddings, attention, LayerNorms and dropout run on fastdl's kernels on a GPU
@@ -69,6 +72,22 @@ def evaluate(model, src: torch.Tensor, tgt: torch.Tensor, device: str, batch_siz
     return exact / len(src), tokens_right / tokens
 
 
+@torch.no_grad()
+def decoding_speed(model, src: torch.Tensor, max_new_tokens: int, device: str, **generate_kwargs):
+    """(generated tokens per second, the output) of one ``generate`` call over ``src``."""
+    model.eval()
+    src = src.to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(src, max_new_tokens=max_new_tokens, bos_id=BOS, eos_id=EOS, **generate_kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    generated = int((out[:, 1:] != PAD).sum())  # up to and including each [EOS]
+    return generated / seconds, out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
@@ -86,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.05)
     p.add_argument("--eval-size", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--num-beams", type=int, default=4, help="beams for the timed beam-search decoding")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -156,6 +176,20 @@ def main(argv=None) -> dict:
     print(f"exact match on {len(src)} held-out sequences: {100 * history['exact'][-1]:.1f}% "
           f"after {args.steps} steps (tokens {100 * history['token'][-1]:.1f}%), "
           f"{time.perf_counter() - start:.0f} s")
+
+    max_new = tgt.shape[1] - 1
+    beams = args.num_beams
+    for label, kwargs in (("greedy", {}), (f"beam search ({beams} beams)", {"num_beams": beams})):
+        speeds = {}
+        for use_cache in (True, False):
+            speeds[use_cache], out = decoding_speed(model, src, max_new, args.device, use_cache=use_cache,
+                                                    **kwargs)
+        pred = torch.full_like(tgt, PAD)
+        pred[:, :out.shape[1]] = out[:, :tgt.shape[1]].cpu()
+        exact = ((pred == tgt) | (tgt == PAD)).all(dim=1).float().mean().item()
+        history[f"tokens_per_s {label}"] = speeds[True]
+        print(f"decoding {len(src)} sequences, {label}: {speeds[True]:,.0f} tokens/s with the key/value "
+              f"cache, {speeds[False]:,.0f} without; exact match {100 * exact:.1f}%")
     return history
 
 

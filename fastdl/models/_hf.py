@@ -1,5 +1,6 @@
 """Hugging Face checkpoints: configs with HF field names, reading a checkpoint directory from local
-disk, mapping its state_dict keys onto ours, and converting a live ``transformers`` model.
+disk or the local Hugging Face cache, mapping its state_dict keys onto ours, converting a live
+``transformers`` model, and writing a directory ``transformers`` loads (``save_pretrained``).
 
 Our modules are named as Hugging Face's *checkpoint files* name them (what ``save_pretrained``
 writes and what every checkpoint on the Hub holds), so most keys map one to one. A model's
@@ -95,8 +96,41 @@ def _probability(config, *names: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading checkpoint files
+# Finding and reading checkpoint files
 # ---------------------------------------------------------------------------------------------
+
+# "bert-base-uncased", "google/vit-base-patch16-224": a Hub repository id, not a path.
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def checkpoint_directory(path: str | os.PathLike, revision: str | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local directory of a checkpoint: ``path`` itself when it is a directory, else, when it
+    reads as a Hub model id (``org/name``), its snapshot in the local Hugging Face cache
+    (``HF_HUB_CACHE``, or ``cache_dir``; ``revision`` defaults to the cached ``main``). Never
+    downloads. Raises ValueError for a path that is not a directory and FileNotFoundError for an
+    id that is not cached, naming it."""
+    if Path(path).is_dir():
+        return Path(path)
+    name = os.fspath(path)
+    if not _MODEL_ID.match(name) or name.endswith(".") or ".." in name:
+        raise ValueError(f"path must be a local checkpoint directory or a Hugging Face model id; "
+                         f"{name!r} is not a directory")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError as e:
+        raise FileNotFoundError(f"{name!r} is not a directory; reading it as a model id from the Hugging "
+                                "Face cache needs huggingface_hub (pip install 'fastdl[hf]')") from e
+    found = try_to_load_from_cache(name, CONFIG_NAME, cache_dir=cache_dir, revision=revision)
+    if not isinstance(found, str):  # None (not cached) or a marker that the file does not exist
+        where = os.fspath(cache_dir) if cache_dir is not None else HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"model id {name!r}{f' (revision {revision!r})' if revision else ''} is not in the local Hugging "
+            f"Face cache ({where}) and {name!r} is not a directory; fastdl does not download: fetch it "
+            f"first (`hf download {name}`) or pass a checkpoint directory")
+    return Path(found).parent
+
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
@@ -166,18 +200,19 @@ class PretrainedModel(torch.nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, config: PretrainedConfig | None = None,
                         strict: bool = True, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, output_loading_info: bool = False,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         **config_overrides):
-        """Load a Hugging Face checkpoint directory from local disk (no network access):
-        ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``.
+        """Load a Hugging Face checkpoint (no network access): a directory holding
+        ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``, or a model id
+        (``"google-bert/bert-base-uncased"``) already in the local Hugging Face cache
+        (``revision`` and ``cache_dir`` as in ``transformers``; see :func:`checkpoint_directory`).
 
         ``config_overrides`` replace config fields (e.g. ``num_labels=3``). ``dtype``/``device``
         place the model; weights are loaded in float32 otherwise. The model is returned in
         eval mode, as ``transformers`` does. ``strict=False`` turns the key errors into a
         warning. See the module docstring for the rules.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"path must be a local checkpoint directory; {str(path)!r} is not a directory")
+        path = checkpoint_directory(path, revision=revision, cache_dir=cache_dir)
         if config is None:
             config = cls.config_class.from_json_file(path / CONFIG_NAME, **config_overrides)
         elif config_overrides:
@@ -206,6 +241,24 @@ class PretrainedModel(torch.nn.Module):
             model.to(device=reference.device, dtype=reference.dtype)
         model.train(hf_model.training)
         return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if
+        needed) in Hugging Face's layout: ``transformers.AutoModel*.from_pretrained`` loads it
+        with no missing or unexpected keys, as does :meth:`from_pretrained`. Weights are saved
+        in their current dtype; tied weights are stored once (``transformers`` re-ties them)."""
+        from safetensors.torch import save_file  # optional dependency: pip install safetensors
+
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_directory {str(directory)!r} exists and is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {**self.config.to_dict(), "architectures": [type(self).__name__]}
+        with open(directory / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        # Our state_dict keys are the checkpoint names (module docstring); a tied weight appears once.
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> LoadingInfo:
         """Copy a Hugging Face state_dict into this model (see the module docstring)."""

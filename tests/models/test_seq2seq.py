@@ -146,3 +146,120 @@ def test_bad_arguments(torch_path):
         model(tokens(2, 5, 23), tokens(2, 3, 19), src_key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(tokens(2, 5, 23), max_new_tokens=16, bos_id=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate with a key/value cache, beam search
+# ---------------------------------------------------------------------------------------------
+
+DEEPER = {**SMALL, "num_decoder_layers": 2, "d_model": 32, "nhead": 4}
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_steps_give_the_uncached_logits(backend, device, norm_first):
+    """Teacher-forced through a random prefix, one token at a time: the cached decoder's logits
+    at every step are those of the decoder re-run over the whole prefix."""
+    from fastdl.models.seq2seq import _CachedDecoder, _UncachedDecoder
+
+    if backend == "interpret" and norm_first:
+        pytest.skip("the interpreter is slow; the layer order is tested on the torch path")
+    # Under the interpreter: one decoder layer, three steps (each kernel call takes a while).
+    config = SMALL if backend == "interpret" else DEEPER
+    model = Seq2SeqTransformer(**config, norm_first=norm_first).to(device).eval()
+    src = tokens(3, 7, 23, pad_from=5).to(device)
+    steps = 3 if backend == "interpret" else 12
+    ys = torch.cat((torch.ones(3, 1, dtype=torch.long), tokens(3, steps - 1, 19)), dim=1).to(device)
+    with torch.no_grad():
+        mask = src == 0
+        memory = model.encode(src, mask)
+        cached = _CachedDecoder(model, memory, mask, steps)
+        uncached = _UncachedDecoder(model, memory, mask)
+        for t in range(1, steps + 1):
+            assert_close(f"step {t}", cached(ys[:, :t]), uncached(ys[:, :t]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generate_gives_the_uncached_tokens(torch_path, num_beams):
+    model = Seq2SeqTransformer(**DEEPER).eval()
+    src = tokens(3, 7, 23, pad_from=5)
+    cached = model.generate(src, 12, bos_id=1, num_beams=num_beams)
+    assert cached.shape == (3, 13)
+    assert torch.equal(cached, model.generate(src, 12, bos_id=1, num_beams=num_beams, use_cache=False))
+    # With an eos: rows stop, are padded after it, and both paths still agree.
+    eos = int(cached[0, 2])
+    out = model.generate(src, 12, bos_id=1, eos_token_id=eos, num_beams=num_beams)
+    uncached = model.generate(src, 12, bos_id=1, eos_id=eos, num_beams=num_beams, use_cache=False)
+    assert torch.equal(out, uncached)
+    if num_beams == 1:
+        assert eos in out[0, 1:3].tolist()
+    for row in out.tolist():
+        if eos in row[1:]:
+            assert all(t == 0 for t in row[row.index(eos, 1) + 1:])
+
+
+def test_one_row_queries_run_on_the_attention_kernel(backend, device, monkeypatch):
+    """Each cached step calls fastdl's attention with a single query row against the cache."""
+    model = Seq2SeqTransformer(**SMALL).to(device).eval()
+    shapes = []
+    real = fastdl.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
+    src = tokens(2, 7, 23, pad_from=5).to(device)
+    model.generate(src, 4, bos_id=1)
+    decode = shapes[-8:]  # 4 steps x (self, cross) in the one decoder layer
+    assert decode == [(1, 1), (1, 7), (1, 2), (1, 7), (1, 3), (1, 7), (1, 4), (1, 7)]
+
+
+def test_beam_search_finds_the_best_pair(torch_path):
+    """With as many beams as target tokens, two steps of beam search are exhaustive: the result
+    is the pair with the highest total log-probability over all vocab^2 continuations."""
+    model = Seq2SeqTransformer(**SMALL).eval()
+    src = tokens(2, 6, 23, pad_from=4)
+    out = model.generate(src, 2, bos_id=1, num_beams=19)
+    with torch.no_grad():
+        for i in range(2):
+            first = torch.log_softmax(model(src[i:i + 1], torch.ones(1, 1, dtype=torch.long))[0, -1], -1)
+            pairs = torch.stack([torch.ones(19, dtype=torch.long), torch.arange(19)], 1)
+            second = torch.log_softmax(model(src[i:i + 1].expand(19, -1), pairs)[:, -1], -1)
+            total = first[:, None] + second                              # (first token, second token)
+            best = divmod(int(total.argmax()), 19)
+            assert tuple(out[i, 1:].tolist()) == best
+    greedy = model.generate(src, 2, bos_id=1)
+    assert torch.equal(model.generate(src, 2, bos_id=1, num_beams=1), greedy)
+
+
+def matmul_flops(model, src, n, use_cache):
+    """FLOPs of the matrix products of one generate call (FlopCounterMode does not count torch's
+    CPU attention; how many keys each step's attention reads is tested above)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model.generate(src, n, bos_id=1, use_cache=use_cache)
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if "attention" not in str(op))
+
+
+def test_cached_step_work_does_not_grow_with_the_prefix(torch_path):
+    """With the cache, the matrix products per generated token are the same at every prefix
+    length (total linear in n); without it they grow with the prefix (total quadratic)."""
+    model = Seq2SeqTransformer(**{**SMALL, "max_len": 20}).eval()
+    src = tokens(2, 7, 23)
+    cached = {n: matmul_flops(model, src, n, True) for n in (4, 8, 16)}
+    per_token = [(cached[8] - cached[4]) / 4, (cached[16] - cached[8]) / 8]
+    assert per_token[0] == per_token[1] > 0
+    uncached = {n: matmul_flops(model, src, n, False) for n in (4, 8, 16)}
+    assert (uncached[16] - uncached[8]) / 8 > 1.5 * (uncached[8] - uncached[4]) / 4
+    assert uncached[16] > 3 * cached[16]
+
+
+def test_generate_bad_arguments(torch_path):
+    model = Seq2SeqTransformer(**SMALL)
+    src = tokens(2, 5, 23)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(src, 3, bos_id=1, num_beams=0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(src, 3, bos_id=1, eos_id=2, eos_token_id=3)
