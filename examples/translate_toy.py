@@ -19,7 +19,9 @@ decay, label smoothing.
 
 Measured (defaults: 2000 steps of batch 64; ``OMP_NUM_THREADS=1 python examples/translate_toy.py``
 on a shared 2-core CPU): exact match on the 500 held-out sequences 0.0% at step 0, 54.2% at step
-500, 96.6% at step 1000, 98.6% after 2000 steps (tokens 99.7%), in 197 s.
+500, 96.6% at step 1000, 98.6% after 2000 steps (tokens 99.7%), in 197 s. Decoding the 500
+held-out sequences (after 300 steps, same CPU under load): greedy 4,494 generated tokens/s with
+the key/value cache vs 1,434 without it; beam search with 4 beams 1,269 vs 439 tokens/s.
 """
 
 from __future__ import annotations
