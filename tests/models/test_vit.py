@@ -109,9 +109,11 @@ def test_classifier_loss_and_gradients_match_hf(backend, device):
         assert_close(f"grad {pname}", p.grad.cpu(), ref_by_ours[pname], rtol=RTOL)
 
 
-def test_soft_labels_cross_entropy(backend, device):
+def test_soft_labels_cross_entropy(torch_path):
     """Float (B, num_labels) probabilities with problem_type single_label_classification: the
-    cross-entropy against them (mixup), through the fused classifier + loss."""
+    cross-entropy against them (mixup), through the fused classifier + loss (kernel path: see
+    tests/kernels/test_cross_entropy.py)."""
+    device = "cpu"
     hf = hf_model("ViTForImageClassification", num_hidden_layers=1,
                   problem_type="single_label_classification")
     ours = ViTForImageClassification.from_hf(hf).to(device)
