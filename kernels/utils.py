@@ -6,6 +6,7 @@ fixes that per kernel at decoration time), so :mod:`fastdl.backend` can tell whi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -19,13 +20,82 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1
 MAX_FUSED_ELEMENTS = 16384
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` that keeps only the first config under the interpreter.
+def _autotune_setting(value: str) -> str | int:
+    """Parse a ``FASTDL_AUTOTUNE`` value: "all", "first" or a config index."""
+    value = value.strip().lower()
+    if value in ("all", "first"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"FASTDL_AUTOTUNE must be 'all', 'first' or a config index, got {value!r}")
 
-    The interpreter cannot time configurations (it has no GPU driver), so the first config in
-    each list must be a sensible default.
-    """
-    return triton.autotune(configs[:1] if INTERPRET else configs, key=key, **kwargs)
+
+# Which config of each autotuned list runs (FASTDL_AUTOTUNE, read once at import):
+#   all   -- triton.autotune times every config once per key and keeps the fastest (GPU default);
+#   first -- always the list's first config, its default (the interpreter's default: it cannot
+#            time configs, and triton.autotune with more than one config fails there);
+#   <i>   -- always config i of every list (the last one for a shorter list).
+# Pinned configs make a GPU run reproducible across processes and skip the tuning launches.
+AUTOTUNE: str | int = _autotune_setting(os.environ.get("FASTDL_AUTOTUNE", "first" if INTERPRET else "all"))
+# Set by kernels' compile-coverage tools only: every launch of a tuned kernel goes out once per
+# config of its list (they record launches, they never execute them).
+_EACH_CONFIG = False
+
+
+@contextlib.contextmanager
+def autotune_setting(value: str | int):
+    """Temporarily set :data:`AUTOTUNE` ("all", "first" or a config index), e.g. in a test that
+    runs a kernel once per config: ``for i in range(len(kernel.configs)): with autotune_setting(i):``."""
+    global AUTOTUNE
+    previous, AUTOTUNE = AUTOTUNE, _autotune_setting(str(value))
+    try:
+        yield
+    finally:
+        AUTOTUNE = previous
+
+
+class Tuned:
+    """A kernel with a list of configs, launched as ``kernel[grid](*args, **kwargs)`` like a
+    ``triton.autotune`` kernel; :data:`AUTOTUNE` decides at each launch which config runs."""
+
+    def __init__(self, fn, configs: list[triton.Config], key: list[str], **kwargs):
+        if not configs:
+            raise ValueError("an autotuned kernel needs at least one config")
+        self.fn = fn
+        self.configs = list(configs)
+        self._tune_args = dict(key=key, **kwargs)
+        self._autotuner = None
+
+    def config(self, index: int) -> triton.Config:
+        """The config a pinned index selects: index i, or the last one for a shorter list."""
+        return self.configs[min(index, len(self.configs) - 1)]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, **kwargs)
+
+    def run(self, *args, grid, **kwargs):
+        if _EACH_CONFIG:
+            for config in self.configs:
+                self._launch(config, args, grid, kwargs)
+            return None
+        if AUTOTUNE == "all":
+            if INTERPRET and len(self.configs) > 1:
+                raise RuntimeError("FASTDL_AUTOTUNE=all needs a GPU: the interpreter cannot time "
+                                   "configs; pin one with FASTDL_AUTOTUNE=first or an index")
+            if self._autotuner is None:
+                self._autotuner = triton.autotune(self.configs, **self._tune_args)(self.fn)
+            return self._autotuner[grid](*args, **kwargs)
+        return self._launch(self.config(0 if AUTOTUNE == "first" else AUTOTUNE), args, grid, kwargs)
+
+    def _launch(self, config: triton.Config, args, grid, kwargs):
+        return self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """Decorator like ``triton.autotune``; which config runs follows ``FASTDL_AUTOTUNE``
+    (:data:`AUTOTUNE`). The first config of each list must be a sensible default."""
+    return lambda fn: Tuned(fn, configs, key, **kwargs)
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -55,17 +125,22 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Persistent programs under the interpreter, which runs programs one after another: a handful keeps
+# multi-program reductions exercised. Tests raise it to a GPU's count (132 SMs x 4 on an H100) to
+# run the many-programs path on the CPU too.
+INTERPRETER_PROGRAMS = 4
+
+
 def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     """How many persistent programs to launch for ``work_items`` independent items.
 
-    On a GPU: a few per streaming multiprocessor; under the interpreter (programs run one after
-    another on the CPU) a handful, which keeps multi-program reductions exercised.
+    On a GPU: a few per streaming multiprocessor; under the interpreter INTERPRETER_PROGRAMS.
     """
     if device.type == "cuda" and not INTERPRET:
         limit = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         limit *= per_sm
     else:
-        limit = 4
+        limit = INTERPRETER_PROGRAMS
     return max(1, min(work_items, limit))
 
 

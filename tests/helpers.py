@@ -158,3 +158,23 @@ def check_module(ours, ref, call: Callable, inputs: Sequence, masks: Sequence = 
     low_precision = params[0].dtype != torch.float32
     check_op(run(ours), run(ref64), [x.requires_grad_() for x in inputs] + list(masks) + params,
              baseline_fn=run(ref) if low_precision else None, rtol=rtol, grad_rtol=rtol)
+
+
+def ref_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, keep=None, p=0.0):
+    """Attention in the inputs' dtype (float64 in tests), written out; GQA by repeating heads.
+    Fully masked rows give 0 and pass no gradient; ``keep`` is a dropout mask of shape (..., L, S)."""
+    group = q.shape[-3] // k.shape[-3] if q.dim() >= 3 else 1
+    if group > 1:
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    L, S = s.shape[-2:]
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    empty = (s == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(torch.where(empty, 0.0, s), -1) * ~empty
+    if keep is not None:
+        probs = probs * keep / (1.0 - p)
+    return probs @ v

@@ -1,0 +1,204 @@
+"""Every config of every autotune list, and both values of every constant that differs between the
+interpreter and a GPU, executed on the CPU against float64 references.
+
+Under the interpreter ``FASTDL_AUTOTUNE`` defaults to each list's first config; here every index
+is pinned in turn (``kernels.utils.autotune_setting``), so a config that only a GPU's autotuner
+would pick still runs forward and backward, on lengths that span several tiles and end on every
+kind of boundary (L, S in {1, 63, 129, 300}), with masks read through strides, causality, dropout,
+grouped key/value heads and a mask gradient.
+
+The norm, batch-norm, dropout and embedding launchers size their grids with constants that a GPU
+sets differently (persistent programs per GPU, elements per dropout program, gather tile, rows per
+segment-sum piece); each op runs with the interpreter's values and with an H100's.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import assert_close, check_op, ref_attention
+
+import fastdl
+import fastdl.functional as F
+
+pytestmark = pytest.mark.skipif(not fastdl.backend.interpreter_active(),
+                                reason="pins configs under Triton's interpreter (CPU only)")
+
+
+@pytest.fixture
+def kernels():
+    """The launcher modules, with fastdl on the interpreter and configs pinned back afterwards."""
+    with fastdl.backend.use("interpret"):
+        yield lambda family: fastdl.backend.kernels(family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: every (head-dim class, dtype) list, every index
+# ---------------------------------------------------------------------------------------------
+
+# Head dims in each class that are not powers of two (the BLOCK_D padding is exercised too).
+HEAD_DIMS = {64: 40, 128: 96, 256: 200}
+TABLES = ("_FWD_CONFIGS", "_BWD_KV_CONFIGS", "_BWD_Q_CONFIGS")
+MAX_LIST = 5  # the longest attention config list
+
+
+def _qkv(B, H, H_kv, L, S, D):
+    return [torch.randn(shape).requires_grad_() for shape in ((B, H, L, D), (B, H_kv, S, D), (B, H_kv, S, D))]
+
+
+def _check_attention(inputs, **kwargs):
+    check_op(lambda *t: F.scaled_dot_product_attention(*t, **kwargs),
+             lambda *t: ref_attention(*t, **{k: v for k, v in kwargs.items() if k != "enable_gqa"}),
+             inputs, rtol=2e-4, grad_rtol=2e-4)
+
+
+def _keep_mask(B, H, L, S, p, seed):
+    """The dropout mask of a (B, H, L, S) call after ``torch.manual_seed(seed)``, read off an
+    identity problem (q = k = 0 so P = 1/S; v = I returns P's mask); S <= 256."""
+    D = max(16, S)
+    eye = torch.eye(S, D).expand(B, H, S, D)
+    torch.manual_seed(seed)
+    out = F.scaled_dot_product_attention(torch.zeros(B, H, L, D), torch.zeros(B, H, S, D), eye, dropout_p=p)
+    scaled = out[..., :S].double() * S * (1.0 - p)
+    keep = scaled > 0.5
+    assert_close("identity problem", scaled, keep.double(), rtol=1e-6)
+    return keep
+
+
+@pytest.mark.parametrize("index", range(MAX_LIST))
+@pytest.mark.parametrize("size", [2, 4], ids=["fp16-lists", "fp32-lists"])
+@pytest.mark.parametrize("cls", list(HEAD_DIMS))
+def test_attention_config(kernels, monkeypatch, cls, size, index):
+    """Config ``index`` of the (head-dim class, element size) lists of all three attention kernels
+    (the last one of a shorter list), forward and backward, at every kind of tile boundary.
+
+    The interpreter computes in fp32 whatever the list (it has no registers or shared memory to
+    run out of, and fp16 arithmetic there is slow), so the fp16/bf16 lists run on fp32 inputs:
+    what is proven is the tiling, the dtype paths are test_attention's."""
+    attention = kernels("attention")
+    if index >= max(len(getattr(attention, t)[(cls, size)]) for t in TABLES):
+        pytest.skip(f"the ({cls}, {size}-byte) lists have fewer than {index + 1} configs")
+    for name in TABLES:
+        table = dict(getattr(attention, name))
+        table[(cls, 4)] = table[(cls, size)]
+        monkeypatch.setattr(attention, name, table)
+    monkeypatch.setattr(attention, "_tuned", {})
+    D = HEAD_DIMS[cls]
+    with kernels("utils").autotune_setting(index):
+        # One query row against 300 keys; grouped heads; a (B, 1, 1, S) padding mask read
+        # through stride-0 head and row axes.
+        _check_attention([*_qkv(1, 2, 1, 1, 300, D), torch.rand(1, 1, 1, 300) > 0.3], enable_gqa=True)
+        # Causal with L > S: the bottom rows see every key.
+        _check_attention(_qkv(1, 1, 1, 300, 63, D), is_causal=True)
+        # A float mask with a gradient (a row fully at -inf included): the dS buffer.
+        mask = torch.randn(1, 1, 129, 63)
+        mask[:, :, 5] = float("-inf")
+        _check_attention([*_qkv(1, 1, 1, 129, 63, D), mask.requires_grad_()])
+        # A single key: the softmax is constant, so only v takes a gradient.
+        q, k, v = _qkv(1, 1, 1, 63, 1, D)
+        _check_attention([q.detach(), k.detach(), v])
+        # Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask.
+        keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
+
+        def with_dropout(q, k, v):
+            torch.manual_seed(11)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+
+        check_op(with_dropout, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
+                 _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+
+
+def test_every_config_is_pinned(kernels):
+    """autotune_setting(i) launches config i (the last one past the end of a list)."""
+    utils = kernels("utils")
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((kw["BLOCK"], kw["num_warps"], kw["num_stages"]))
+
+    import triton
+    tuned = utils.Tuned(Recorder(), [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
+                                     for b, w, s in ((16, 1, 1), (32, 2, 2), (64, 4, 3))], key=[])
+    for setting in ("first", 0, 1, 2, 7):
+        with utils.autotune_setting(setting):
+            tuned[(1,)]()
+    assert launched == [(16, 1, 1), (16, 1, 1), (32, 2, 2), (64, 4, 3), (64, 4, 3)]
+    with utils.autotune_setting("all"), pytest.raises(RuntimeError, match="needs a GPU"):
+        tuned[(1,)]()
+    with pytest.raises(ValueError, match="FASTDL_AUTOTUNE"):
+        utils._autotune_setting("fastest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants that differ between the interpreter and a GPU
+# ---------------------------------------------------------------------------------------------
+
+# (module, name, GPU value): programs per GPU for persistent loops (132 SMs x 4 on an H100),
+# elements per dropout program, elements per gather program, rows per segment-sum piece.
+GPU_CONSTANTS = [("utils", "INTERPRETER_PROGRAMS", 132 * 4), ("dropout", "BLOCK", 1024),
+                 ("embedding", "GATHER_TILE", 4096), ("embedding", "ROWS_PER_PIECE", 256)]
+
+
+@pytest.fixture(params=["interpreter", "gpu"])
+def constants(request, kernels, monkeypatch):
+    """Run the test with the interpreter's launch constants, then with a GPU's."""
+    if request.param == "gpu":
+        for module, name, value in GPU_CONSTANTS:
+            monkeypatch.setattr(kernels(module), name, value)
+    return request.param
+
+
+def test_gpu_constants_differ(kernels):
+    """The constants above are the ones that differ; if one disappears, update GPU_CONSTANTS."""
+    for module, name, value in GPU_CONSTANTS:
+        assert getattr(kernels(module), name) != value, (module, name)
+
+
+@pytest.mark.parametrize("N", [61, 16411])  # one block in registers, and a streamed long row
+def test_norms_many_rows_per_program(kernels, constants, N):
+    """LayerNorm / RMSNorm / add & norm backward with M far above the program count (every
+    program loops over many rows) and, with a GPU's count, more programs than rows per program."""
+    M = 600 if N < 1000 else 9
+
+    def leaves(*shapes, offset=0.0):
+        return [(torch.randn(shape) + offset).requires_grad_() for shape in shapes]
+
+    check_op(lambda x, w, b: F.layer_norm(x, (N,), w, b), lambda x, w, b: TF.layer_norm(x, (N,), w, b),
+             leaves((M, N), N, N, offset=3.0), rtol=1e-5, grad_rtol=1e-5)
+    check_op(lambda x, w: F.rms_norm(x, (N,), w, 1e-6), lambda x, w: TF.rms_norm(x, (N,), w, 1e-6),
+             leaves((M, N), N), rtol=1e-5, grad_rtol=1e-5)
+    check_op(lambda x, r, w, b: F.dropout_add_layer_norm(x, r, w, b, p=0.0, training=True)[0],
+             lambda x, r, w, b: TF.layer_norm(x + r, (N,), w, b), leaves((M, N), (M, N), N, N),
+             rtol=1e-5, grad_rtol=1e-5)
+
+
+def test_batch_norm_program_split(kernels, constants):
+    """Training batch norm: per-program partial statistics merged in order, for either split."""
+    x = (torch.randn(37, 5, 29) * 2 + 4).requires_grad_()
+    w, b = torch.randn(5).requires_grad_(), torch.randn(5).requires_grad_()
+    check_op(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+             lambda x, w, b: TF.batch_norm(x, None, None, w, b, training=True), [x, w, b],
+             rtol=1e-5, grad_rtol=1e-5)
+
+
+def test_dropout_blocks(kernels, constants):
+    """Dropout over several programs' blocks: y = keep * x / (1 - p) with the mask that
+    ``keep_mask`` draws for the seed, element by element, whatever the block size."""
+    dropout = kernels("dropout")
+    x = torch.randn(5, 2049)
+    y = dropout.dropout_fwd(x, 0.3, 123)
+    keep = dropout.keep_mask(x.shape, 0.3, 123, "cpu")
+    assert 0.6 < keep.double().mean() < 0.8
+    assert_close("dropout", y.double(), torch.where(keep, x.double() / 0.7, 0.0), rtol=1e-6)
+    # Element i's decision depends on (seed, i) only: a shorter call draws the same first bits.
+    assert torch.equal(keep.flatten()[:1000], dropout.keep_mask((1000,), 0.3, 123, "cpu"))
+
+
+def test_embedding_long_runs(kernels, constants):
+    """Gather with either tile; the backward with runs of one index longer than a piece (600
+    tokens of row 3, 300 of row 0) and single tokens, against float64 index_add."""
+    V, N = 11, 70
+    idx = torch.cat([torch.full((600,), 3), torch.randint(0, V, (90,)), torch.zeros(300, dtype=torch.long)])
+    idx = idx[torch.randperm(idx.numel())]
+    w = torch.randn(V, N).requires_grad_()
+    check_op(lambda w: F.embedding(idx, w), lambda w: TF.embedding(idx, w), [w], rtol=1e-5, grad_rtol=1e-5)
