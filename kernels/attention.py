@@ -64,7 +64,10 @@ varlen functions: row i of a sequence with L queries and S keys sees keys j <= i
 Block sizes, warps and pipeline stages come from ``kernels.utils.autotune`` over a short list per
 (head-dim class, dtype size, kernel) keyed by the head-dim block, causality and sequence-length
 buckets; the first config of each list is a safe default and the only one under the interpreter.
-fp32 inputs use full-precision ("ieee") dot products, not TF32: fp32 attention is held to 2e-4.
+fp32 inputs use 3xTF32 dot products ("tf32x3": each operand split into a TF32 head and a TF32 tail,
+a*b ~ ah*bh + ah*bl + al*bh on tensor cores): float32-level error (~4e-7 relative against float64,
+like full-precision FMA dot products, where plain TF32 gives ~4e-4), and kernels that compile in
+seconds without spilling, where FMA dot products took minutes and spilled tens of KB per thread.
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ MAX_HEAD_DIM = 256
 # Configurations. Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of every list
 # is the default (and the interpreter's only choice); the others suit Hopper: 128-row query tiles
 # with 8 warps and 3-4 stages for D <= 128, narrower key tiles for D = 256 to fit shared memory.
-# fp32 lists are short: full-precision (non-tensor-core) dot products compile slowly, and fp32
-# attention is rarely the hot path.
+# fp32 lists are short (3xTF32 operands take twice the registers and shared memory of fp16 ones,
+# and fp32 attention is rarely the hot path).
 # ---------------------------------------------------------------------------------------------
 
 _FWD_CONFIGS = {
@@ -573,7 +576,8 @@ def _block_d(d: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """Dot-product precision: 3xTF32 for fp32 (see the module docstring); fp16/bf16 ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
