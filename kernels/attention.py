@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune, dropout_keep
+from .utils import PER_CALL_ARGS, autotune, dropout_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -263,7 +263,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_h
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, MASK,  # Q (B,H,L,D), K (B,Hkv,S,D), V (B,Hkv,S,Dv), OUT (B,H,L,Dv), LSE (B,H,L)
     CU_Q, CU_K,  # varlen: (sequences + 1,) offsets into the packed L query and S key rows
@@ -326,7 +326,7 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
 def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L, HEAD_DIM_V,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """DELTA[b, h, i] = sum_d dO[b, h, i, d] * OUT[b, h, i, d], float32. DELTA: (B, H, L)."""
@@ -399,7 +399,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
     CU_Q, CU_K,
@@ -497,7 +497,7 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
 def _attn_bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DQ,  # DQ like Q
     CU_Q, CU_K,
@@ -677,6 +677,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq, dk, dv = (_alloc(t.shape, t.dtype, t.device) for t in (q, k, v))
     mask_grad = mask_grad and attn_mask is not None
     ds = _alloc((B, H, L, S) if mask_grad else (0,), torch.float32, q.device)
+    if mask_grad and is_causal:  # the kernel skips key tiles a query tile cannot see: their dS is 0
+        ds.zero_()
     if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0 and ds.numel() == 0:
         return dq, dk, dv, (_sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None)
     if S == 0 or L == 0 or B * H == 0:  # nothing attended: every gradient is 0

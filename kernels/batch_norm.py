@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, num_programs, num_warps_for, sum_partials
+from .utils import PER_CALL_ARGS, acc_dtype, num_programs, num_warps_for, sum_partials
 
 # Elements in one [BLOCK_C, BLOCK_R] tile. Channels are the first tile dim and r the last: with r
 # offsets built by div/mod Triton cannot prove their contiguity and keeps its default (last dim
@@ -63,7 +63,7 @@ def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
     return cols.to(tl.int64)[:, None] * stride_c + row_off[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_stats_kernel(
     X, PART_MEAN, PART_M2,  # X: (N, C, S) strided; PART_*: (G, C) float32/64
     C, S, R, rows_per_program, stride_n, stride_c, stride_s,
@@ -99,7 +99,7 @@ def _bn_stats_kernel(
     tl.store(PART_M2 + part, m2, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_finalize_kernel(
     X, PART_MEAN, PART_M2, MEAN, RSTD, RUNNING_MEAN, RUNNING_VAR,  # MEAN, RSTD: (C,) float32/64
     C, R, G, rows_per_program, last_count, stride_c, momentum, eps,
@@ -133,7 +133,7 @@ def _bn_finalize_kernel(
         tl.store(RUNNING_VAR + cols, running_var.to(RUNNING_VAR.dtype.element_ty), mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_running_stats_kernel(
     RUNNING_MEAN, RUNNING_VAR, MEAN, RSTD, C, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -146,7 +146,7 @@ def _bn_running_stats_kernel(
     tl.store(RSTD + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_apply_kernel(
     X, Y, MEAN, RSTD, W, B,  # X, Y: (N, C, S) strided; MEAN, RSTD, W, B: (C,)
     C, S, R, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
@@ -172,7 +172,7 @@ def _bn_apply_kernel(
     tl.store(Y + _tile_offsets(rows, cols, S, stride_yn, stride_yc, stride_ys), y, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_bwd_reduce_kernel(
     X, DY, MEAN, RSTD, PART_DY, PART_DYXHAT,  # PART_*: (G, C) float32/64
     C, S, R, rows_per_program, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
@@ -206,7 +206,7 @@ def _bn_bwd_reduce_kernel(
     tl.store(PART_DYXHAT + part, tl.sum(sum_dyxc, axis=1) * rstd, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_bwd_dx_kernel(
     X, DY, DX, MEAN, RSTD, W, SUM_DY, SUM_DYXHAT,  # SUM_*: (C,) float32/64 (training only)
     C, S, R, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,

@@ -24,14 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, acc_dtype, dropout_keep, ensure_contiguous
+from .utils import INTERPRET, PER_CALL_ARGS, acc_dtype, dropout_keep, ensure_contiguous
 
 # Elements per program. The interpreter runs programs one after another, each with a fixed
 # overhead, so it gets fewer, larger blocks.
 BLOCK = 4096 if INTERPRET else 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_kernel(X, Y, numel, p, scale, seed, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Y[i] = X[i] * (keep(seed, i) ? scale : 0) for one block of the flat (numel,) tensors."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -42,7 +42,7 @@ def _dropout_kernel(X, Y, numel, p, scale, seed, ACC: tl.constexpr, BLOCK: tl.co
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _keep_mask_kernel(KEEP, numel, p, seed, BLOCK: tl.constexpr):
     """KEEP[i] = keep(seed, i), as int8, for one block of the flat (numel,) mask."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

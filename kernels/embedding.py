@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (INTERPRET, acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs,
-                    num_warps_for, sum_partials)
+from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous,
+                    num_programs, num_warps_for, sum_partials)
 
 # Elements one gather program moves. The interpreter runs programs one after another, each with a
 # fixed overhead, so it gets fewer, larger tiles.
@@ -62,7 +62,7 @@ MAX_BERT_DIM = 16384
 # Gather
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _gather_kernel(IDX, W, OUT, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT[m, :] = W[IDX[m], :] for one tile. IDX: (M,) int32/int64; W: (V, N); OUT: (M, N)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,7 +93,7 @@ def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Deterministic scatter-add: segment sums over sorted indices
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _segment_sum_kernel(
     SRC, ROWS, LO, HI, KEYS, COUNTS, OUT,  # SRC: (R, N); ROWS: (K,) int64; LO, HI, KEYS, COUNTS: (S,)
     N, padding_idx,
@@ -210,7 +210,7 @@ def _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_fwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, LN_B, OUT, MEAN, RSTD,  # ids (M,); tables (*, N)
     N, eps, p, scale, seed,
@@ -237,7 +237,7 @@ def _bert_embeddings_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_bwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
     M, N, rows_per_program, p, scale, seed,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)

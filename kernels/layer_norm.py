@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs, num_warps_for,
-                    sum_partials)
+from .utils import (PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs,
+                    num_warps_for, sum_partials)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,  # X, Y: (M, N); W, B: (N,); MEAN, RSTD: (M,) float32/64
     stride_x_row, stride_y_row, N, eps,
@@ -135,7 +135,7 @@ def _long_row_grad_coeffs(X_ROW, DY_ROW, W, mean, rstd, N, IS_RMS: tl.constexpr,
     return centre, c1, c2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _norm_bwd_kernel(
     X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART,  # DW_PART, DB_PART: (programs, N) float32/64
     stride_x_row, stride_dy_row, stride_dx_row, M, N, rows_per_program,
@@ -311,7 +311,7 @@ def _dropout_add(X, RES, PRE, offsets, mask, seed, p, scale, HAS_RES: tl.constex
     return tl.where(mask, s.to(PRE.dtype.element_ty).to(ACC), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_fwd_kernel(
     X, RES, W, B, Y, PRE, MEAN, RSTD,  # X, RES, Y, PRE: (M, N) contiguous; W, B: (N,); MEAN, RSTD: (M,)
     N, eps, p, scale, seed,
@@ -373,7 +373,7 @@ def _dropout_add_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_bwd_kernel(
     DOUT, DPRE, PRE, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART,  # (M, N) contiguous; parts (G, N)
     M, N, rows_per_program, p, scale, seed,

@@ -16,6 +16,13 @@ import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
+# Integer kernel arguments that change from call to call -- random seeds, and sequence lengths or
+# row counts used only as bounds -- are not specialised: Triton would otherwise compile a new
+# variant whenever one of them happens to be 1 or a multiple of 16. (Row widths N stay specialised:
+# their divisibility is what lets loads be vectorised.) Names a kernel lacks are ignored.
+# (Attention adds its sequence lengths L and S.)
+PER_CALL_ARGS = ["seed", "M", "numel", "R", "G", "rows_per_program", "last_count"]
+
 # Largest row a norm-style kernel keeps in registers in one block; longer rows are looped over.
 MAX_FUSED_ELEMENTS = 16384
 
@@ -156,7 +163,7 @@ def ensure_contiguous(fn):
     return wrapper
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _sum_partials_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT[n] = sum_g PART[g, n] for one block of columns. PART: (G, N) float32/64, contiguous."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

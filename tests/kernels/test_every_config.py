@@ -202,3 +202,27 @@ def test_embedding_long_runs(kernels, constants):
     idx = idx[torch.randperm(idx.numel())]
     w = torch.randn(V, N).requires_grad_()
     check_op(lambda w: F.embedding(idx, w), lambda w: TF.embedding(idx, w), [w], rtol=1e-5, grad_rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher paths the functional API does not reach
+# ---------------------------------------------------------------------------------------------
+
+def test_causal_mask_gradient_from_unwritten_buffers(kernels, monkeypatch):
+    """A causal launch with a float mask gradient: key tiles right of a query tile are skipped by
+    the dK/dV kernel, so their dS entries are never written; they must read as 0, not as whatever
+    the buffer held (buffers come NaN-filled here). Every config's tiling, against float64."""
+    attention = kernels("attention")
+    monkeypatch.setattr(attention, "_alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    for index in range(MAX_LIST):
+        with kernels("utils").autotune_setting(index):
+            q, k, v = (t.detach() for t in _qkv(1, 2, 1, 97, 130, 40))
+            mask = torch.randn(1, 2, 97, 130)
+            o, lse = attention.attention_fwd(q, k, v, mask, is_causal=True)
+            do = torch.randn_like(o)
+            *_, dmask = attention.attention_bwd(do, q, k, v, o, lse, mask, is_causal=True, mask_grad=True)
+            ref_mask = mask.double().requires_grad_()
+            ref = ref_attention(q.double(), k.double(), v.double(), attn_mask=ref_mask, is_causal=True)
+            ref.backward(do.double())
+            assert_close(f"mask gradient, config {index}", dmask, ref_mask.grad, rtol=2e-4)
