@@ -1,4 +1,4 @@
-"""CI must run exactly the README's set-up commands."""
+"""CI must run the README's set-up commands, unchanged, before anything else."""
 
 from pathlib import Path
 
@@ -14,4 +14,4 @@ def test_ci_runs_the_readme_commands():
     readme = _commands((ROOT / "README.md").read_text())
     ci = _commands((ROOT / ".ci" / "run").read_text())
     assert len(readme) == 2
-    assert ci == readme
+    assert ci[:2] == readme
