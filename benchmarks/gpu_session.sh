@@ -1,36 +1,69 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one call, from the repository root:
+# Everything a GPU machine should run, from the repository root, in two calls of at most 9 minutes
+# each (a lent 16-core H100; benchmarks/README.md gives the exact calls):
 #
-#   OUT=/path/to/results bash benchmarks/gpu_session.sh
+#   OUT=/path/to/results CALL=1 bash benchmarks/gpu_session.sh    # install, precompile, tests
+#   OUT=/path/to/results CALL=2 bash benchmarks/gpu_session.sh    # install, config sweep, benchmarks
 #
-# 1. install  pip install --no-deps --no-build-isolation -e .   (PyTorch, Triton, pytest come
-#             with the machine; nothing else is installed)
-# 2. tests    the whole suite, CUDA tensors included             -> $OUT/tests.log, $OUT/junit.xml
-# 3. bench    python -m benchmarks.run --out $OUT                 -> $OUT/bench.log and the runner's
-#             <gpu>-<date>.json / .md / .png
-# plus $OUT/env.txt (GPU, driver, versions). That is 7 files, all directly under $OUT.
+# 1. install     pip install --no-deps --no-build-isolation -e .  (PyTorch, Triton, pytest come with
+#                the machine; nothing else is installed)
+# 2. precompile  python -m benchmarks.compile_report: every kernel's covering set of launches for
+#                sm_90a, compiled by a process pool into the Triton cache    -> $OUT/compile-sm_90a.json
+# 3. tests       the CUDA tests only (-m cuda), configs pinned (FASTDL_AUTOTUNE=first), one worker per
+#                core, all compiling into the one cache
+# 4. sweep       the attention CUDA tests once per other config index (FASTDL_AUTOTUNE=1..4)
+# 5. bench       python -m benchmarks.run, kernels forward and forward+backward -> the runner's
+#                <gpu>-<date>.json/.md/.png in $OUT
+# 6. models      the BERT and ViT training steps after them                  -> $OUT/models/
+# Logs (one per step, env.txt with GPU, driver and versions, junit.xml) come back as $OUT/logs.tgz,
+# Triton's cache as $OUT/triton-cache.tgz (see below): a lent machine returns only a few files.
 #
+# Triton's cache is $TRITON_CACHE_DIR (default /tmp/fastdl-triton-cache, kept while the machine
+# stays warm); CACHE_IN=path/to/triton-cache.tgz restores an earlier call's, so a second call on a
+# fresh machine compiles nothing twice.
 # Every step runs under `timeout` and the script goes on after a failing step; it exits non-zero
-# if any step failed. The defaults fit a 10-minute call; override them by environment:
-#   STEPS="install tests bench"   which steps to run, in that order
-#   INSTALL_TIMEOUT=90 TESTS_TIMEOUT=210 BENCH_TIMEOUT=270   seconds per step
-#   BENCH_BUDGET=<BENCH_TIMEOUT - 50>   the runner starts no new case after this (headline cases
-#                                       of every op run first, so a short budget covers all ops)
-#   BENCH_ARGS="--quick"                extra arguments for the runner (e.g. --ops attention)
-#   PYTEST_WORKERS=8                    parallel test workers when pytest-xdist is installed
+# if any step failed. Override by environment:
+#   STEPS="install tests"   which steps to run, in that order (default: those of CALL, else all)
+#   INSTALL_TIMEOUT=60 PRECOMPILE_TIMEOUT=150 TESTS_TIMEOUT=270 SWEEP_TIMEOUT=150
+#   BENCH_TIMEOUT=240 MODELS_TIMEOUT=90   seconds per step (call 1: 480 s, call 2: 540 s at most)
+#   PRECOMPILE_ARGS="--cover"           compile_report arguments (drop --cover for every launch)
+#   BENCH_BUDGET=<BENCH_TIMEOUT - 40>   the runner starts no new case after this
+#   BENCH_ARGS="--quick"                extra arguments for the runner
+#   PYTEST_WORKERS=16                   parallel test workers (each compiles into the shared cache)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-install tests bench}"
-INSTALL_TIMEOUT="${INSTALL_TIMEOUT:-90}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-210}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
-BENCH_BUDGET="${BENCH_BUDGET:-$((BENCH_TIMEOUT > 100 ? BENCH_TIMEOUT - 50 : BENCH_TIMEOUT / 2))}"
+case "${CALL:-}" in
+    1) DEFAULT_STEPS="install precompile tests" ;;
+    2) DEFAULT_STEPS="install sweep bench models" ;;
+    *) DEFAULT_STEPS="install precompile tests sweep bench models" ;;
+esac
+STEPS="${STEPS:-$DEFAULT_STEPS}"
+INSTALL_TIMEOUT="${INSTALL_TIMEOUT:-60}"
+PRECOMPILE_TIMEOUT="${PRECOMPILE_TIMEOUT:-150}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-270}"
+SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+MODELS_TIMEOUT="${MODELS_TIMEOUT:-90}"
+PRECOMPILE_ARGS="${PRECOMPILE_ARGS:---cover}"
+BENCH_BUDGET="${BENCH_BUDGET:-$((BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2))}"
 BENCH_ARGS="${BENCH_ARGS:-}"
-PYTEST_WORKERS="${PYTEST_WORKERS:-8}"
+PYTEST_WORKERS="${PYTEST_WORKERS:-$(nproc)}"
 PYTHON="${PYTHON:-python}"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+# Triton's cache lives outside $OUT (thousands of small files) and travels as one archive,
+# $OUT/triton-cache.tgz; CACHE_IN names an archive from an earlier call to start from.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastdl-triton-cache}"
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -n "${CACHE_IN:-}" ] && [ -f "$CACHE_IN" ]; then
+    tar xzf "$CACHE_IN" -C "$TRITON_CACHE_DIR" && echo "== Triton cache restored from $CACHE_IN"
+fi
+# Kernel ops first, forward and forward+backward; the model training steps after them.
+KERNEL_OPS="attention layer_norm rms_norm dropout_add_layer_norm batch_norm dropout embedding bert_embeddings"
+MODEL_OPS="bert_train vit_train"
 
 declare -A STATUS=()
 failed=0
@@ -74,26 +107,46 @@ for name in ("triton", "pytest", "pytest_benchmark", "xdist", "transformers", "f
         print(name, "not importable:", type(err).__name__)
 EOF
     echo "nproc $(nproc)"
-} >"$OUT/env.txt" 2>&1
+} >"$LOGS/env.txt" 2>&1
+
+workers=()
+if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+    workers=(-n "$PYTEST_WORKERS")
+fi
 
 for name in $STEPS; do
     case "$name" in
         install)
-            step install "$INSTALL_TIMEOUT" "$OUT/install.log" \
+            step install "$INSTALL_TIMEOUT" "$LOGS/install.log" \
                 "$PYTHON" -m pip install --no-deps --no-build-isolation -e . ;;
+        precompile)
+            # shellcheck disable=SC2086  # PRECOMPILE_ARGS is a list of words
+            step precompile "$PRECOMPILE_TIMEOUT" "$LOGS/precompile.log" \
+                "$PYTHON" -m benchmarks.compile_report --targets sm_90a --jobs "$(nproc)" --quiet \
+                $PRECOMPILE_ARGS --out "$OUT/compile-sm_90a.json" ;;
         tests)
-            workers=()
-            if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
-                workers=(-n "$PYTEST_WORKERS")
-            fi
-            step tests "$TESTS_TIMEOUT" "$OUT/tests.log" \
-                "$PYTHON" -m pytest -q "${workers[@]}" --junitxml="$OUT/junit.xml" -p no:cacheprovider ;;
+            step tests "$TESTS_TIMEOUT" "$LOGS/tests.log" env FASTDL_AUTOTUNE=first \
+                "$PYTHON" -m pytest -q -m cuda "${workers[@]}" --junitxml="$LOGS/junit.xml" -p no:cacheprovider ;;
+        sweep)
+            step sweep "$SWEEP_TIMEOUT" "$LOGS/sweep.log" bash -c '
+                status=0
+                for i in 1 2 3 4; do
+                    echo "== FASTDL_AUTOTUNE=$i"
+                    FASTDL_AUTOTUNE=$i "$0" -m pytest -q -m cuda "${@}" -p no:cacheprovider \
+                        tests/kernels/test_attention.py -k "forward_backward or head_dims or mask" || status=1
+                done
+                exit $status' "$PYTHON" "${workers[@]}" ;;
         bench)
-            # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-            step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
-                "$PYTHON" -u -m benchmarks.run --out "$OUT" --budget "$BENCH_BUDGET" $BENCH_ARGS ;;
+            # shellcheck disable=SC2086  # BENCH_ARGS and KERNEL_OPS are lists of words
+            step bench "$BENCH_TIMEOUT" "$LOGS/bench.log" \
+                "$PYTHON" -u -m benchmarks.run --out "$OUT" --budget "$BENCH_BUDGET" --ops $KERNEL_OPS $BENCH_ARGS ;;
+        models)
+            # shellcheck disable=SC2086
+            step models "$MODELS_TIMEOUT" "$LOGS/models.log" \
+                "$PYTHON" -u -m benchmarks.run --out "$OUT/models" --budget "$((MODELS_TIMEOUT * 2 / 3))" \
+                --ops $MODEL_OPS --no-plot $BENCH_ARGS ;;
         *)
-            echo "unknown step $name (known: install tests bench)"
+            echo "unknown step $name (known: install precompile tests sweep bench models)"
             failed=1 ;;
     esac
 done
@@ -102,6 +155,6 @@ echo "== summary"
 for name in $STEPS; do
     echo "   $name: ${STATUS[$name]:-not run}"
 done
-grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/   tests: /'
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/   tests: /'
 ls -l "$OUT"
 exit "$failed"
