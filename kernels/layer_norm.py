@@ -199,6 +199,18 @@ def _norm_bwd_kernel(
                     tl.store(DB_PART + cols, part + dy, mask=mask)
 
 
+# Rows longer than one block are streamed in blocks of this many elements: a bigger block buys
+# nothing once the row is streamed, and at 16384 elements the looping kernels spill registers.
+STREAM_BLOCK = 4096
+
+
+def _row_block(N: int) -> int:
+    """BLOCK_N for rows of N elements: the whole row when it fits in registers, else STREAM_BLOCK
+    (the kernels take the streaming path whenever BLOCK_N < N)."""
+    block = block_size(N)
+    return block if block >= N else STREAM_BLOCK
+
+
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -211,7 +223,7 @@ def _norm_fwd(x, weight, bias, eps: float, is_rms: bool):
     rstd = torch.empty(M, dtype=_stats_dtype(x), device=x.device)
     if M == 0 or N == 0:
         return y, (None if is_rms else mean), rstd
-    BLOCK_N = block_size(N)
+    BLOCK_N = _row_block(N)
     _norm_fwd_kernel[(M,)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         x.stride(0), y.stride(0), N, eps,
@@ -234,7 +246,7 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=x.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=x.device)
     if M > 0 and N > 0:
-        BLOCK_N = block_size(N)
+        BLOCK_N = _row_block(N)
         _norm_bwd_kernel[(programs,)](
             x, weight if has_w else x, dy, dx, mean if mean is not None else rstd, rstd,
             dw_part, db_part, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
@@ -465,7 +477,7 @@ def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, 
     rstd = torch.empty(M, dtype=stats, device=x.device)
     if M == 0 or N == 0:
         return out, pre, mean, rstd
-    BLOCK_N = block_size(N)
+    BLOCK_N = _row_block(N)
     _dropout_add_norm_fwd_kernel[(M,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, out, pre, mean, rstd,
@@ -501,7 +513,7 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=pre.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
     if M > 0 and N > 0:
-        BLOCK_N = block_size(N)
+        BLOCK_N = _row_block(N)
         _dropout_add_norm_bwd_kernel[(programs,)](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,

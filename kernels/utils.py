@@ -18,10 +18,10 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1
 
 # Integer kernel arguments that change from call to call -- random seeds, and sequence lengths or
 # row counts used only as bounds -- are not specialised: Triton would otherwise compile a new
-# variant whenever one of them happens to be 1 or a multiple of 16. (Row widths N stay specialised:
-# their divisibility is what lets loads be vectorised.) Names a kernel lacks are ignored.
-# (Attention adds its sequence lengths L and S.)
-PER_CALL_ARGS = ["seed", "M", "numel", "R", "G", "rows_per_program", "last_count"]
+# variant whenever one of them happens to be 1 or a multiple of 16. (Row widths N and element
+# counts that bound a masked load, like numel, stay specialised: their divisibility by 16 is what
+# lets masked loads be vectorised.) Names a kernel lacks are ignored; attention adds L and S.
+PER_CALL_ARGS = ["seed", "M", "R", "G", "rows_per_program", "last_count"]
 
 # Largest row a norm-style kernel keeps in registers in one block; longer rows are looped over.
 MAX_FUSED_ELEMENTS = 16384
