@@ -132,7 +132,7 @@ def record_launches(target_name: str, families: list[str] | None = None) -> list
     utils._EACH_CONFIG = True
     try:
         for family, make_launches in compile_specs.SPECS.items():
-            if families is None or family in families:
+            if families is None or family.split()[0] in families:
                 make_launches()
     finally:
         utils._EACH_CONFIG = False

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-SPECS: dict[str, Callable[[], None]] = {}
+SPECS: dict[str, Callable[[], None]] = {}  # "<kernel file>[ <part>]" -> the launches
 # The label of the launches being recorded (compile_report reads it).
 CASE = {"name": ""}
 
@@ -166,3 +166,31 @@ def attention_launches():
                         mask = torch.randn(B, H, L, S).to(dtype)
                     o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, 9)
                     attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, 9, mask_grad)
+
+
+@spec("attention varlen")
+def varlen_attention_launches():
+    """Packed sequences (varlen mode): the same kernels with per-sequence bounds."""
+    attention = kernels("attention")
+    H, D = 4, 64
+    cu = torch.tensor([0, 50, 128, 200], dtype=torch.int32)
+    for dtype in FLOAT_DTYPES:
+        for causal, p in ((False, 0.0), (True, 0.1)):
+            with case(f"{_dt(dtype)} varlen{' causal dropout' if causal else ''}"):
+                q, k, v = (torch.randn(200, H, D).to(dtype) for _ in range(3))
+                o, lse = attention.varlen_attention_fwd(q, k, v, cu, cu, 78, 78, causal, None, p, 9)
+                attention.varlen_attention_bwd(o, q, k, v, o, lse, cu, cu, 78, 78, causal, None, p, 9)
+
+
+@spec("cross_entropy")
+def cross_entropy_launches():
+    ce = kernels("cross_entropy")
+    for dtype in FLOAT_DTYPES:
+        for V in (1000, 30522):  # one block, and a vocabulary streamed in blocks
+            with case(f"{_dt(dtype)} V={V}"):
+                logits = torch.randn(8, V).to(dtype)
+                hard, soft = torch.randint(0, V, (8,)), torch.softmax(torch.randn(8, V), -1).to(dtype)
+                loss = torch.empty(8)
+                for target in (hard, soft):
+                    for grad_scale in (None, torch.ones(1), torch.ones(8)):
+                        ce.cross_entropy_chunk(logits, target, -100, 0.1, grad_scale, loss)

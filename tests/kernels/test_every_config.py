@@ -134,9 +134,11 @@ def test_every_config_is_pinned(kernels):
 # ---------------------------------------------------------------------------------------------
 
 # (module, name, GPU value): programs per GPU for persistent loops (132 SMs x 4 on an H100),
-# elements per dropout program, elements per gather program, rows per segment-sum piece.
+# elements per dropout program, elements per gather program, rows per segment-sum piece, vocabulary
+# tile of the cross-entropy kernel.
 GPU_CONSTANTS = [("utils", "INTERPRETER_PROGRAMS", 132 * 4), ("dropout", "BLOCK", 1024),
-                 ("embedding", "GATHER_TILE", 4096), ("embedding", "ROWS_PER_PIECE", 256)]
+                 ("embedding", "GATHER_TILE", 4096), ("embedding", "ROWS_PER_PIECE", 256),
+                 ("cross_entropy", "MAX_BLOCK_V", 4096)]
 
 
 @pytest.fixture(params=["interpreter", "gpu"])
@@ -226,3 +228,15 @@ def test_causal_mask_gradient_from_unwritten_buffers(kernels, monkeypatch):
             ref = ref_attention(q.double(), k.double(), v.double(), attn_mask=ref_mask, is_causal=True)
             ref.backward(do.double())
             assert_close(f"mask gradient, config {index}", dmask, ref_mask.grad, rtol=2e-4)
+
+
+def test_cross_entropy_vocabulary_tiles(kernels, constants):
+    """Fused linear + cross-entropy over a vocabulary wider than the interpreter's tile and than
+    a GPU's (hard targets with label smoothing and ignored rows), against float64."""
+    V, N = 4500, 32
+    hidden, weight = torch.randn(37, N).requires_grad_(), (torch.randn(V, N) * 0.3).requires_grad_()
+    target = torch.randint(0, V, (37,))
+    target[5] = -100
+    check_op(lambda h, w: F.linear_cross_entropy(h, w, target, label_smoothing=0.1),
+             lambda h, w: TF.cross_entropy(h @ w.T, target, label_smoothing=0.1), [hidden, weight],
+             rtol=1e-5, grad_rtol=1e-5)
