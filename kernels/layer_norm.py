@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous, num_programs,
-                    num_warps_for, sum_partials)
+from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous,
+                    num_programs, num_warps_for, sum_partials)
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
@@ -202,12 +202,15 @@ def _norm_bwd_kernel(
 # Rows longer than one block are streamed in blocks of this many elements: a bigger block buys
 # nothing once the row is streamed, and at 16384 elements the looping kernels spill registers.
 STREAM_BLOCK = 4096
+# The backward keeps x, dy, w and the dw/db sums of a row in registers: beyond 8192 elements it
+# spills (16384 at fp16, Triton 3.6), so longer rows take its streaming path.
+BWD_MAX_FUSED = 8192
 
 
-def _row_block(N: int) -> int:
-    """BLOCK_N for rows of N elements: the whole row when it fits in registers, else STREAM_BLOCK
-    (the kernels take the streaming path whenever BLOCK_N < N)."""
-    block = block_size(N)
+def _row_block(N: int, max_fused: int = MAX_FUSED_ELEMENTS) -> int:
+    """BLOCK_N for rows of N elements: the whole row when it fits in ``max_fused``, else
+    STREAM_BLOCK (the kernels take the streaming path whenever BLOCK_N < N)."""
+    block = block_size(N, max_fused)
     return block if block >= N else STREAM_BLOCK
 
 
@@ -246,7 +249,7 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=x.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=x.device)
     if M > 0 and N > 0:
-        BLOCK_N = _row_block(N)
+        BLOCK_N = _row_block(N, BWD_MAX_FUSED)
         _norm_bwd_kernel[(programs,)](
             x, weight if has_w else x, dy, dx, mean if mean is not None else rstd, rstd,
             dw_part, db_part, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
@@ -513,7 +516,7 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=pre.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
     if M > 0 and N > 0:
-        BLOCK_N = _row_block(N)
+        BLOCK_N = _row_block(N, BWD_MAX_FUSED)
         _dropout_add_norm_bwd_kernel[(programs,)](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,

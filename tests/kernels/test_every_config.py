@@ -156,7 +156,7 @@ def test_gpu_constants_differ(kernels):
         assert getattr(kernels(module), name) != value, (module, name)
 
 
-@pytest.mark.parametrize("N", [61, 16411])  # one block in registers, and a streamed long row
+@pytest.mark.parametrize("N", [61, 10007, 16411])  # in registers; backward streamed; both streamed
 def test_norms_many_rows_per_program(kernels, constants, N):
     """LayerNorm / RMSNorm / add & norm backward with M far above the program count (every
     program loops over many rows) and, with a GPU's count, more programs than rows per program."""
