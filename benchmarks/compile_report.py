@@ -399,7 +399,9 @@ def main(argv=None) -> int:
     if args.known and os.path.exists(args.known):
         with open(args.known) as f:
             known = {line.strip() for line in f if line.strip() and not line.startswith("#")}
-    new = [p for p in problems if not any(fnmatch.fnmatchcase(_finding_key(p), k) for k in known)]
+    literal = lambda text: text.replace("[", "\x00").replace("]", "\x01")  # brackets are not wildcards
+    patterns = [re.compile(fnmatch.translate(literal(k))) for k in known]
+    new = [p for p in problems if not any(pat.match(literal(_finding_key(p))) for pat in patterns)]
     for p in problems:
         print("KNOWN FINDING:" if p not in new else "FINDING:", p)
     print(f"report: {out}")
