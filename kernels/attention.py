@@ -34,8 +34,12 @@ gradient, recomputed from the logsumexp, then matches torch's fused kernels rath
 explicit softmax: at that magnitude log(row length) is below float32 resolution.)
 
 Dropout drops entries of the normalised probabilities P with a counter-based generator
-(``dropout_keep``) keyed by the seed and the int64 offset ``((b * H + h) * L + i) * S + j``, so the
-backward regenerates exactly the forward's mask; nothing is stored.
+(``dropout_keep``): element (i, j) of head b * H + h uses lane j % 4 of Philox counter
+``((b * H + h) * L + i) * ceil(S / 4) + j // 4`` -- four keys per Philox call -- keyed by a seed the
+kernels load from a (1,) int64 tensor, so the backward regenerates exactly the forward's mask;
+nothing is stored, and the host never reads the seed. (Varlen: counter ``... + k_lo // 4 + (j - k_lo)
+// 4``, lane ``(j - k_lo) % 4``, with k_lo the sequence's first key, where every kernel's key tiles
+start.)
 
 Backward, with P = exp2(s - lse * log2(e)) recomputed tile by tile from q, k and the saved lse,
 Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
@@ -76,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import PER_CALL_ARGS, autotune, dropout_keep
+from .utils import PER_CALL_ARGS, autotune, dropout_counters, dropout_keep, dropout_threshold
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -179,9 +183,11 @@ def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
 
 
 @triton.jit
-def _dropout_offsets(bh, rows, cols, L, S):
-    """The int64 counter of element (i, j) of head bh = b * H + h: (bh * L + i) * S + j."""
-    return (bh.to(tl.int64) * L + rows) * S + cols
+def _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N: tl.constexpr):
+    """Keep mask of the (query rows_m, keys start_n .. start_n + BLOCK_N - 1) tile of head
+    bh = b * H + h, shaped (len(rows_m), BLOCK_N): row bh * L + i of the (B * H * L, S) matrix."""
+    rows = (bh.to(tl.int64) * L + rows_m)[:, None]
+    return dropout_keep(seed, dropout_counters(rows, start_n, S, BLOCK_N), threshold)
 
 
 @triton.jit
@@ -228,7 +234,7 @@ def _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
-               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
                CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -254,7 +260,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_h
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            keep = _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = tl.load(V + rows_n[:, None] * svs + offs_dv[None, :],
                     mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
@@ -269,7 +275,7 @@ def _attn_fwd_kernel(
     CU_Q, CU_K,  # varlen: (sequences + 1,) offsets into the packed L query and S key rows
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sob, soh, sol,
     smb, smh, sml, sms,  # mask strides broadcast to (B, H, L, S); 0 on broadcast dims
-    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, dropout_p, keep_scale, seed,
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, threshold, keep_scale, SEED,  # SEED: (1,) int64
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -287,6 +293,7 @@ def _attn_fwd_kernel(
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -304,11 +311,11 @@ def _attn_fwd_kernel(
     full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
                                sks, svs,
-                               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+                               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
                                False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
                                sks, svs,
-                               MASK, smb, smh, sml, sms, qk_scale, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+                               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
                                True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
                                BLOCK_DV)
 
@@ -357,12 +364,13 @@ def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
 
 
 @triton.jit
-def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok, b, h, bh, L, S,
+def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, n0, rows_n, col_ok, b, h, bh, L, S,
                   q_hi, k_hi, shift,
-                  sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed,
+                  sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed,
                   HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of one query head.
 
     Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
@@ -386,7 +394,9 @@ def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, rows_n, col_ok
         pt = tl.math.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[None, :], rows_n[:, None], L, S), dropout_p)
+            # The tile is held transposed (keys, queries); the mask is drawn (queries, keys).
+            keep = _dropout_keep_tile(seed, threshold, bh, rows_m, n0, L, S, BLOCK_N)
+            keep = tl.trans(keep.to(tl.int8)) != 0
             dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
@@ -405,7 +415,7 @@ def _attn_bwd_kv_kernel(
     CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms, sdsb, sdsh, sdsl,
-    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -423,6 +433,7 @@ def _attn_bwd_kv_kernel(
             return
         b = b * 0
     b64 = b.to(tl.int64)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < k_hi
     rows_n = offs_n.to(tl.int64)
@@ -450,14 +461,14 @@ def _attn_bwd_kv_kernel(
         Qh = Q + b64 * sqb + h.to(tl.int64) * sqh
         DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
         DSh = DS + b64 * sdsb + h.to(tl.int64) * sdsh
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, full, rows_n, col_ok, b, h, bh,
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, full, n0, rows_n, col_ok, b, h, bh,
                                L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
-                               dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, rows_n, col_ok, b, h, bh,
+                               threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
+                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, n0, rows_n, col_ok, b, h, bh,
                                L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
-                               dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
-                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
+                               threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
+                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
@@ -468,7 +479,7 @@ def _attn_bwd_kv_kernel(
 
 @triton.jit
 def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
-                 MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                 MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
                  CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -490,7 +501,7 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, _dropout_offsets(bh, rows_m[:, None], rows_n[None, :], L, S), dropout_p)
+            keep = _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -503,7 +514,7 @@ def _attn_bwd_q_kernel(
     CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol, sdqb, sdqh, sdql,
     smb, smh, sml, sms,
-    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, dropout_p, keep_scale, seed,
+    H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -522,6 +533,7 @@ def _attn_bwd_q_kernel(
     bh = b * H + h
     h_kv = h // GROUP
     b64 = b.to(tl.int64)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_hi
     rows_m = offs_m.to(tl.int64)
@@ -538,10 +550,10 @@ def _attn_bwd_q_kernel(
 
     full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM,
+                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
                       HEAD_DIM_V, False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
     dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, dropout_p, keep_scale, seed, HEAD_DIM,
+                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
                       HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
                       BLOCK_DV)
 
@@ -611,7 +623,7 @@ def _check_shapes(q, k, v):
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                   is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
-                  seed: int = 0, out: torch.Tensor | None = None):
+                  seed: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """Fused attention forward.
 
     q (B, H, L, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv): fp16 / bf16 / fp32, same dtype, last dim
@@ -647,9 +659,9 @@ def _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, v
     kernel[grid](
         q, k, v, o, lse, mask, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
-        H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, float(dropout_p),
-        _keep_scale(dropout_p), int(seed), _seq_bucket(rows), _seq_bucket(keys),
-        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+        H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, dropout_threshold(dropout_p),
+        _keep_scale(dropout_p), _seed_arg(seed, lse), _seq_bucket(rows), _seq_bucket(keys),
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=_has_dropout(dropout_p, seed),
         PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VARLEN=varlen is not None,
     )
 
@@ -663,7 +675,8 @@ def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                  scale: float | None = None, dropout_p: float = 0.0, seed: int = 0, mask_grad: bool = False):
+                  scale: float | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                  mask_grad: bool = False):
     """Gradients of :func:`attention_fwd`, recomputing the scores from q, k and the saved lse.
 
     do, o (B, H, L, Dv); q, k, v, attn_mask, is_causal, scale, dropout_p, seed as in the forward;
@@ -697,11 +710,11 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
     mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
     cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
     BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
-    common = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+    common = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=_has_dropout(dropout_p, seed),
                   PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                   VARLEN=varlen is not None)
-    scalars = (H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, scale, float(dropout_p),
-               _keep_scale(dropout_p), int(seed), _seq_bucket(rows), _seq_bucket(keys))
+    scalars = (H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, scale, dropout_threshold(dropout_p),
+               _keep_scale(dropout_p), _seed_arg(seed, lse), _seq_bucket(rows), _seq_bucket(keys))
 
     delta = _alloc((B, H, L), torch.float32, q.device)
     DELTA_BLOCK_M = 16 if BLOCK_DV >= 256 else 32
@@ -723,6 +736,17 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
         *mask_strides, *scalars, **common)
 
 
+def _has_dropout(p: float, seed: torch.Tensor | None) -> bool:
+    if p > 0.0 and seed is None:
+        raise ValueError("attention: dropout_p > 0 needs a seed tensor")
+    return p > 0.0
+
+
+def _seed_arg(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The SEED pointer: the (1,) int64 seed, or any tensor when there is no dropout (never read)."""
+    return placeholder if seed is None else seed
+
+
 def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
@@ -741,7 +765,7 @@ def _packed_view(t: torch.Tensor) -> torch.Tensor:
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
-                         seed: int = 0):
+                         seed: torch.Tensor | None = None):
     """Attention within each of several packed sequences (flash-attn's varlen layout).
 
     q (Tq, H, D), k (Tk, H_kv, D), v (Tk, H_kv, Dv); sequence i has query rows
@@ -766,7 +790,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
-                         scale: float | None = None, dropout_p: float = 0.0, seed: int = 0):
+                         scale: float | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
     """Gradients of :func:`varlen_attention_fwd`: dq, dk, dv shaped like q, k, v (keys outside
     every sequence get 0). do, o (Tq, H, Dv); lse (H, Tq) from the forward."""
     qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))

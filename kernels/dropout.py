@@ -2,19 +2,21 @@
 
 Forward, over the input viewed as a flat vector of ``numel`` elements::
 
-    keep[i] = rand(seed, i) >= p          (Philox, ``dropout_keep`` in kernels/utils.py)
+    keep[i] = lane i % 4 of Philox(seed, i // 4) >= p * 2^32     (``dropout_keep``, kernels/utils.py)
     y[i]    = x[i] * (keep[i] ? 1 / (1 - p) : 0)
 
 A dropped element is multiplied by 0, not replaced by 0, so a dropped inf or NaN gives NaN, as
 torch's ``input * mask * scale`` does.
 
-The random number of element ``i`` depends only on ``(seed, i)``, so the backward rebuilds the
-same mask from the seed: ``dx[i] = dy[i] * (keep[i] ? 1 / (1 - p) : 0)``, which is the forward applied
-to ``dy``. Saved for the backward: the seed (a Python int) -- no mask, zero bytes per element
-where PyTorch keeps a bool (CUDA) or a full-precision noise tensor (CPU).
+One Philox call decides four elements. The decision of element ``i`` depends only on
+``(seed, i)``, so the backward rebuilds the same mask from the seed: ``dx[i] = dy[i] * (keep[i] ?
+1 / (1 - p) : 0)``, which is the forward applied to ``dy``. The seed is a one-element int64 tensor
+on the input's device that the kernel loads itself -- never read back by the host, so a call
+neither waits for the GPU nor breaks a CUDA graph. Saved for the backward: that seed -- no mask,
+zero bytes per element where PyTorch keeps a bool (CUDA) or a full-precision noise tensor (CPU).
 
 ``i`` is the element's index in the *logical* row-major order, so the mask does not depend on
-how a tensor is laid out in memory; offsets are int64, so tensors beyond 2^31 elements work.
+how a tensor is laid out in memory; counters are int64, so tensors beyond 2^31 elements work.
 At ``p = 1`` nothing is kept and the scale is 0 (never 1/0).
 """
 
@@ -24,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, PER_CALL_ARGS, acc_dtype, dropout_keep, ensure_contiguous
+from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, dropout_counters, dropout_keep, dropout_threshold,
+                    ensure_contiguous)
 
 # Elements per program. The interpreter runs programs one after another, each with a fixed
 # overhead, so it gets fewer, larger blocks.
@@ -32,21 +35,25 @@ BLOCK = 4096 if INTERPRET else 1024
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
-def _dropout_kernel(X, Y, numel, p, scale, seed, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(X, Y, SEED, numel, threshold, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Y[i] = X[i] * (keep(seed, i) ? scale : 0) for one block of the flat (numel,) tensors."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    block = tl.program_id(0).to(tl.int64)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    keep = dropout_keep(seed, offsets, p)
+    keep = dropout_keep(tl.load(SEED), dropout_counters(block, 0, BLOCK, BLOCK), threshold)
     y = tl.where(keep, x * scale, x * 0.0)  # x * 0, not 0: a dropped inf or NaN is NaN, as torch
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
-def _keep_mask_kernel(KEEP, numel, p, seed, BLOCK: tl.constexpr):
-    """KEEP[i] = keep(seed, i), as int8, for one block of the flat (numel,) mask."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(KEEP + offsets, dropout_keep(seed, offsets, p).to(tl.int8), mask=offsets < numel)
+def _keep_mask_kernel(KEEP, SEED, N, threshold, BLOCK: tl.constexpr):
+    """KEEP[r, c] = keep(seed, r, c) as int8 for one block of row r of the (M, N) mask."""
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * BLOCK
+    cols = start + tl.arange(0, BLOCK)
+    keep = dropout_keep(tl.load(SEED), dropout_counters(row, start, N, BLOCK), threshold)
+    tl.store(KEEP + row * N + cols, keep.to(tl.int8), mask=cols < N)
 
 
 def keep_scale(p: float) -> float:
@@ -55,31 +62,41 @@ def keep_scale(p: float) -> float:
 
 
 @ensure_contiguous
-def dropout_fwd(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dropout of ``x`` (any shape, fp16/bf16/fp32/fp64) with the mask of ``seed``.
 
-    Returns a contiguous tensor shaped like ``x`` in its dtype; ``out`` (contiguous, same shape and
-    dtype; may be ``x`` itself) receives the result instead of a new tensor.
+    seed: one-element int64 tensor on x's device (read by the kernel only). Returns a contiguous
+    tensor shaped like ``x`` in its dtype; ``out`` (contiguous, same shape and dtype; may be ``x``
+    itself) receives the result instead of a new tensor.
     """
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     numel = x.numel()
     if numel == 0:
         return y
-    _dropout_kernel[(triton.cdiv(numel, BLOCK),)](x, y, numel, float(p), keep_scale(p), int(seed),
+    # BLOCK is a multiple of 4, so block b's counters are those of row b of a (blocks, BLOCK)
+    # matrix: element i = b * BLOCK + c gets counter i // 4, lane i % 4.
+    _dropout_kernel[(triton.cdiv(numel, BLOCK),)](x, y, seed, numel, dropout_threshold(p), keep_scale(p),
                                                  ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=4)
     return y
 
 
-def dropout_bwd(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout_bwd(dy: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`dropout_fwd`: the same mask and scale applied to ``dy``."""
     return dropout_fwd(dy, p, seed)
 
 
-def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    """The boolean keep-mask (``shape``) that :func:`dropout_fwd` and the fused add & LayerNorm
-    kernel apply for ``(p, seed)`` -- for tests and debugging; the ops themselves never build it."""
+def keep_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor:
+    """The boolean keep-mask (``shape``) that the kernels apply for ``(p, seed)`` to a tensor of that
+    shape viewed as (rows, last dim): element (r, c) uses lane c % 4 of Philox counter
+    r * ceil(N / 4) + c // 4 (``kernels.utils.dropout_counters``). This is :func:`dropout_fwd`'s
+    mask whenever the last dim N is a multiple of 4 (then the counter is flat index // 4), and
+    always that of the fused add & norm, BERT embeddings and (for (B, H, L, S) scores) attention.
+    For tests and debugging; the ops themselves never build it."""
     keep = torch.empty(shape, dtype=torch.int8, device=device)
     numel = keep.numel()
     if numel:
-        _keep_mask_kernel[(triton.cdiv(numel, BLOCK),)](keep, numel, float(p), int(seed), BLOCK=BLOCK)
+        N = keep.shape[-1] if keep.dim() else 1
+        block = max(16, min(1024, triton.next_power_of_2(N)))
+        _keep_mask_kernel[(numel // N, triton.cdiv(N, block))](keep, seed, N, dropout_threshold(p),
+                                                              BLOCK=block)
     return keep.bool()

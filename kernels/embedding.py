@@ -29,7 +29,7 @@ Fused BERT embeddings (one program per token, its D-wide row in registers)::
 
     s   = word[wid] + position[pid] + token_type[tid]            (float32)
     y   = (s - mean(s)) * rstd * ln_weight + ln_bias,  rstd = 1 / sqrt(var(s) + eps)
-    out = keep(seed, m * D + d) ? y / (1 - p) : 0                dropout, the mask of kernels.dropout
+    out = keep(seed, m, d) ? y / (1 - p) : 0       dropout: lane d % 4 of Philox counter m * ceil(D / 4) + d // 4
 
 Saved for the backward: the three index vectors, mean and rstd (M,) float32 and the seed -- no
 sum, no mask. The backward kernel recomputes s from the tables, regenerates the mask, and writes
@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous,
-                    num_programs, num_warps_for, sum_partials)
+from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, dropout_counters, dropout_keep,
+                    dropout_threshold, ensure_contiguous, num_programs, num_warps_for, sum_partials)
 
 # Elements one gather program moves. The interpreter runs programs one after another, each with a
 # fixed overhead, so it gets fewer, larger tiles.
@@ -213,7 +213,7 @@ def _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_fwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, LN_B, OUT, MEAN, RSTD,  # ids (M,); tables (*, N)
-    N, eps, p, scale, seed,
+    SEED, N, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -229,9 +229,10 @@ def _bert_embeddings_fwd_kernel(
         y = y * tl.load(LN_W + cols, mask=mask, other=0.0).to(ACC)
     if HAS_B:
         y = y + tl.load(LN_B + cols, mask=mask, other=0.0).to(ACC)
-    offsets = row * N + cols  # the flat index of each output element: the dropout counter
+    offsets = row * N + cols
     if DROPOUT:
-        y = tl.where(dropout_keep(seed, offsets, p), y * scale, y * 0.0)
+        keep = dropout_keep(tl.load(SEED), dropout_counters(row, 0, N, BLOCK_N), threshold)
+        y = tl.where(keep, y * scale, y * 0.0)
     tl.store(OUT + offsets, y, mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -240,11 +241,12 @@ def _bert_embeddings_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_bwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
-    M, N, rows_per_program, p, scale, seed,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
+    SEED, M, N, rows_per_program, threshold, scale,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = tl.load(SEED) if DROPOUT else 0
     row_start = pid.to(tl.int64) * rows_per_program
     num_rows = tl.minimum(rows_per_program, M - row_start)
     cols = tl.arange(0, BLOCK_N)
@@ -263,7 +265,8 @@ def _bert_embeddings_bwd_kernel(
         xhat = tl.where(mask, (xs - tl.sum(xs, axis=0) / N) * rstd, 0.0)
         dy = tl.load(DOUT + offsets, mask=mask, other=0.0).to(ACC)
         if DROPOUT:
-            dy = tl.where(dropout_keep(seed, offsets, p), dy * scale, dy * 0.0)
+            keep = dropout_keep(seed, dropout_counters(row, 0, N, BLOCK_N), threshold)
+            dy = tl.where(keep, dy * scale, dy * 0.0)
         g = dy * w if HAS_W else dy
         ds = (g - xhat * (tl.sum(xhat * g, axis=0) / N) - tl.sum(g, axis=0) / N) * rstd
         tl.store(DS + offsets, ds, mask=mask)
@@ -283,11 +286,12 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @ensure_contiguous
 def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, ln_bias,
-                        eps: float, p: float, seed: int):
+                        eps: float, p: float, seed: torch.Tensor | None):
     """dropout(LayerNorm(word[word_ids] + position[pos_ids] + token_type[type_ids])).
 
     ids: (M,) int32/int64, in range; word (V, N), position (P, N), token_type (T, N) any float dtype;
-    ln_weight, ln_bias: (N,) or None; N <= MAX_BERT_DIM. ``p`` = 0 means no dropout. Returns out
+    ln_weight, ln_bias: (N,) or None; N <= MAX_BERT_DIM. ``seed``: (1,) int64 on the tables' device,
+    or None (with ``p`` = 0: no dropout, no random numbers). Returns out
     (M, N) in the tables' promoted dtype, and mean, rstd (M,) float32 (float64 for float64 tables).
     """
     M, N = word_ids.numel(), word.shape[1]
@@ -301,8 +305,8 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
     _bert_embeddings_fwd_kernel[(M,)](
         word_ids, pos_ids, type_ids, word, position, token_type,
         ln_weight if ln_weight is not None else word, ln_bias if ln_bias is not None else word,
-        out, mean, rstd, N, eps, float(p), keep_scale(p), int(seed),
-        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, DROPOUT=p > 0.0,
+        out, mean, rstd, seed if seed is not None else mean, N, eps, dropout_threshold(p), keep_scale(p),
+        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, DROPOUT=seed is not None and p > 0.0,
         ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
     )
     return out, mean, rstd
@@ -310,7 +314,7 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
 
 @ensure_contiguous
 def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token_type, ln_weight,
-                        mean, rstd, p: float, seed: int, padding_idx: int | None,
+                        mean, rstd, p: float, seed: torch.Tensor | None, padding_idx: int | None,
                         needs_grad: tuple[bool, bool, bool], ln_bias_dtype: torch.dtype | None):
     """Gradients of :func:`bert_embeddings_fwd`.
 
@@ -334,8 +338,8 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
         _bert_embeddings_bwd_kernel[(programs,)](
             word_ids, pos_ids, type_ids, word, position, token_type,
             ln_weight if has_w else word, mean, rstd, dout, ds, dw_part, db_part,
-            M, N, rows_per_program, float(p), keep_scale(p), int(seed),
-            HAS_W=has_w, HAS_B=has_b, DROPOUT=p > 0.0,
+            seed if seed is not None else mean, M, N, rows_per_program, dropout_threshold(p), keep_scale(p),
+            HAS_W=has_w, HAS_B=has_b, DROPOUT=seed is not None and p > 0.0,
             ACC=acc_dtype(mean.dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
         )
     d_ln_w = sum_partials(dw_part, ln_weight.dtype) if has_w else None

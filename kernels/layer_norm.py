@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, dropout_keep, ensure_contiguous,
-                    num_programs, num_warps_for, sum_partials)
+from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, dropout_counters,
+                    dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
+                    sum_partials)
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
@@ -297,10 +298,11 @@ def rms_norm_bwd(dy, x, weight, rstd):
 # ---------------------------------------------------------------------------------------------
 # Fused dropout + residual add + LayerNorm ("add & norm" of a Transformer block).
 #
-# Forward, one program per row of the (M, N) inputs; i is the element's flat index row * N + col,
-# so the mask is the one ``kernels.dropout`` draws for a tensor of x's shape and the same seed::
+# Forward, one program per row of the (M, N) inputs; keep(seed, r, c) is lane c % 4 of Philox
+# counter r * ceil(N / 4) + c // 4 (``kernels.dropout.keep_mask(x.shape, p, seed)``), four columns
+# per Philox call; with p = 0 (or in eval) the DROPOUT switch compiles the generator out::
 #
-#     s   = residual + (keep(seed, i) ? x / (1 - p) : 0)      written out as pre_norm_sum
+#     s   = residual + (keep(seed, r, c) ? x / (1 - p) : 0)   written out as pre_norm_sum
 #     out = LayerNorm(s) * w + b                              statistics as in _norm_fwd_kernel
 #
 # s is rounded to pre_norm_sum's dtype before it is normalised, so out is exactly
@@ -310,17 +312,23 @@ def rms_norm_bwd(dy, x, weight, rstd):
 # Backward, with ds_out the LayerNorm backward of dout (see the module docstring) and dpre the
 # gradient arriving at pre_norm_sum from downstream (pre-norm blocks reuse it as the next residual)::
 #
-#     ds = ds_out + dpre,   dresidual = ds,   dx = keep(seed, i) ? ds / (1 - p) : 0
+#     ds = ds_out + dpre,   dresidual = ds,   dx = keep(seed, r, c) ? ds / (1 - p) : 0
 #     dw = sum_rows(dout * xhat),   db = sum_rows(dout)       per-program partials + sum_partials
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dropout_add(X, RES, PRE, offsets, mask, seed, p, scale, HAS_RES: tl.constexpr, ACC: tl.constexpr):
-    """residual + dropout(x) at flat ``offsets``, rounded to the dtype of pre_norm_sum (PRE),
-    returned in ACC."""
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    s = tl.where(dropout_keep(seed, offsets, p), x * scale, x * 0.0)  # 0 * inf = NaN, as torch
+def _dropout_add(X, RES, PRE, row, start, N, seed, threshold, scale, DROPOUT: tl.constexpr,
+                 HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """residual + dropout(x) at columns start .. start + BLOCK_N - 1 of ``row``, rounded to the
+    dtype of pre_norm_sum (PRE), returned in ACC (0 past N)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    offsets = row * N + cols
+    s = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+    if DROPOUT:
+        keep = dropout_keep(seed, dropout_counters(row, start, N, BLOCK_N), threshold)
+        s = tl.where(keep, s * scale, s * 0.0)  # 0 * inf = NaN, as torch
     if HAS_RES:
         s += tl.load(RES + offsets, mask=mask, other=0.0).to(ACC)
     return tl.where(mask, s.to(PRE.dtype.element_ty).to(ACC), 0.0)
@@ -329,16 +337,17 @@ def _dropout_add(X, RES, PRE, offsets, mask, seed, p, scale, HAS_RES: tl.constex
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_fwd_kernel(
     X, RES, W, B, Y, PRE, MEAN, RSTD,  # X, RES, Y, PRE: (M, N) contiguous; W, B: (N,); MEAN, RSTD: (M,)
-    N, eps, p, scale, seed,
-    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    SEED, N, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT
+    DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * N  # int64: flat offsets (and the random stream) may pass 2^31
+    seed = tl.load(SEED) if DROPOUT else 0
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
+        s = _dropout_add(X, RES, PRE, row, 0, N, seed, threshold, scale, DROPOUT, HAS_RES, ACC, BLOCK_N)
         tl.store(PRE + base + cols, s, mask=mask)
         # Centre on the first element before summing, as _norm_fwd_kernel does (|mean| >> std).
         shift = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
@@ -356,27 +365,30 @@ def _dropout_add_norm_fwd_kernel(
         # Long rows: s is recomputed in each pass from x, residual and the seed (cheaper than
         # a round trip through memory, and free of read-after-write ordering questions).
         cols = tl.arange(0, BLOCK_N)
-        first = _dropout_add(X, RES, PRE, base + cols, cols < N, seed, p, scale, HAS_RES, ACC)
+        first = _dropout_add(X, RES, PRE, row, 0, N, seed, threshold, scale, DROPOUT, HAS_RES, ACC, BLOCK_N)
         shift = tl.sum(tl.where(cols == 0, first, 0.0), axis=0)
         acc = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
+            s = _dropout_add(X, RES, PRE, row, start, N, seed, threshold, scale, DROPOUT, HAS_RES, ACC,
+                             BLOCK_N)
             acc += tl.where(mask, s - shift, 0.0)
         m = tl.sum(acc, axis=0) / N
         acc = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
+            s = _dropout_add(X, RES, PRE, row, start, N, seed, threshold, scale, DROPOUT, HAS_RES, ACC,
+                             BLOCK_N)
             xc = tl.where(mask, s - shift - m, 0.0)
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            s = _dropout_add(X, RES, PRE, base + cols, mask, seed, p, scale, HAS_RES, ACC)
+            s = _dropout_add(X, RES, PRE, row, start, N, seed, threshold, scale, DROPOUT, HAS_RES, ACC,
+                             BLOCK_N)
             tl.store(PRE + base + cols, s, mask=mask)
             y = (s - shift - m) * rstd
             if HAS_W:
@@ -391,11 +403,12 @@ def _dropout_add_norm_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_bwd_kernel(
     DOUT, DPRE, PRE, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART,  # (M, N) contiguous; parts (G, N)
-    M, N, rows_per_program, p, scale, seed,
-    HAS_DPRE: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    SEED, M, N, rows_per_program, threshold, scale,
+    DROPOUT: tl.constexpr, HAS_DPRE: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = tl.load(SEED) if DROPOUT else 0
     row_start = pid.to(tl.int64) * rows_per_program
     num_rows = tl.minimum(rows_per_program, M - row_start)
     DW_PART += pid.to(tl.int64) * N
@@ -418,7 +431,10 @@ def _dropout_add_norm_bwd_kernel(
                 ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
             if HAS_DRES:
                 tl.store(DRES + offsets, ds, mask=mask)
-            tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, ds * 0.0), mask=mask)
+            if DROPOUT:
+                keep = dropout_keep(seed, dropout_counters(row_start + i, 0, N, BLOCK_N), threshold)
+                ds = tl.where(keep, ds * scale, ds * 0.0)
+            tl.store(DX + offsets, ds, mask=mask)
             if HAS_W:
                 dw += dy * xhat
             if HAS_B:
@@ -451,8 +467,10 @@ def _dropout_add_norm_bwd_kernel(
                     ds += tl.load(DPRE + offsets, mask=mask, other=0.0).to(ACC)
                 if HAS_DRES:
                     tl.store(DRES + offsets, ds, mask=mask)
-                tl.store(DX + offsets, tl.where(dropout_keep(seed, offsets, p), ds * scale, ds * 0.0),
-                         mask=mask)
+                if DROPOUT:
+                    keep = dropout_keep(seed, dropout_counters(row, start, N, BLOCK_N), threshold)
+                    ds = tl.where(keep, ds * scale, ds * 0.0)
+                tl.store(DX + offsets, ds, mask=mask)
                 # Private partial rows (zero-initialised by the launcher): read-modify-write is safe.
                 if HAS_W:
                     part = tl.load(DW_PART + cols, mask=mask, other=0.0)
@@ -463,11 +481,12 @@ def _dropout_add_norm_bwd_kernel(
 
 
 @ensure_contiguous
-def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, seed: int):
+def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, seed: torch.Tensor | None):
     """out = LayerNorm(residual + dropout(x)) over the last dim, and the pre-norm sum.
 
     x: (M, N) fp16/bf16/fp32/fp64; residual: (M, N) any float dtype, or None (zero);
-    weight, bias: (N,) or None; the mask is ``kernels.dropout.keep_mask(x.shape, p, seed)``.
+    weight, bias: (N,) or None; seed: (1,) int64 on x's device, or None when p = 0 (no dropout,
+    no random numbers generated); the mask is ``kernels.dropout.keep_mask(x.shape, p, seed)``.
     Returns out, pre_norm_sum (M, N) in the promoted dtype of x and residual, and mean, rstd (M,)
     in float32 (float64 for float64 inputs).
     """
@@ -484,8 +503,8 @@ def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, 
     _dropout_add_norm_fwd_kernel[(M,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, out, pre, mean, rstd,
-        N, eps, float(p), keep_scale(p), int(seed),
-        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        seed if seed is not None else mean, N, eps, dropout_threshold(p), keep_scale(p),
+        DROPOUT=seed is not None and p > 0.0, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         ACC=acc_dtype(pre_dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
         num_warps=num_warps_for(BLOCK_N),
     )
@@ -493,7 +512,7 @@ def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, 
 
 
 @ensure_contiguous
-def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, seed: int,
+def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, seed: torch.Tensor | None,
                                x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
                                bias_dtype: torch.dtype | None):
     """Gradients of :func:`dropout_add_layer_norm_fwd`.
@@ -520,8 +539,8 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
         _dropout_add_norm_bwd_kernel[(programs,)](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,
-            M, N, rows_per_program, float(p), keep_scale(p), int(seed),
-            HAS_DPRE=dpre is not None, HAS_DRES=has_res, HAS_W=has_w, HAS_B=has_bias,
+            seed if seed is not None else mean, M, N, rows_per_program, dropout_threshold(p),
+            keep_scale(p), DROPOUT=seed is not None and p > 0.0, HAS_DPRE=dpre is not None, HAS_DRES=has_res, HAS_W=has_w, HAS_B=has_bias,
             ACC=acc_dtype(pre.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
             num_warps=num_warps_for(BLOCK_N),
         )

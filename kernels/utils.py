@@ -196,12 +196,45 @@ def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
     return out
 
 
-@triton.jit
-def dropout_keep(seed, offsets, p):
-    """Keep-decisions of dropout with probability ``p`` for the elements at ``offsets``.
+def dropout_threshold(p: float) -> int:
+    """The integer a 32-bit random word must reach for its element to be kept: ``p * 2**32``.
 
-    Counter-based (Philox via ``tl.rand``): the same (seed, offset) always gives the same
-    decision, so a backward pass regenerates the forward's mask instead of storing it. Offsets may
-    be int64 (tensors beyond 2^31 elements). Returns a boolean block shaped like ``offsets``.
+    Exact at the ends: 0 keeps everything, 2**32 (p = 1) nothing. A Python int, so the comparison
+    in :func:`dropout_keep` is exact integer arithmetic on every backend.
     """
-    return tl.rand(seed, offsets) >= p
+    return min(int(p * 4294967296.0), 4294967296)
+
+
+@triton.jit
+def dropout_counters(rows, start, N, BLOCK: tl.constexpr):
+    """Philox counters for columns ``start .. start + BLOCK - 1`` of ``rows`` of an (M, N) matrix.
+
+    Element (r, c) uses lane ``c % 4`` of counter ``r * ceil(N / 4) + c // 4``: four consecutive
+    columns share one Philox call. ``rows``: an int64 scalar (returns a (BLOCK // 4,) block) or an
+    int64 (R, 1) block (returns (R, BLOCK // 4)); ``start`` a multiple of 4.
+    """
+    return rows * ((N + 3) // 4) + (start // 4 + tl.arange(0, BLOCK // 4))
+
+
+@triton.jit
+def dropout_keep(seed, counters, threshold):
+    """Keep-decisions of dropout for four elements per counter, from one Philox call each.
+
+    ``counters``: int64 block (C,) or (R, C) from :func:`dropout_counters`; ``seed``: an integer
+    scalar (loaded from the seed tensor); ``threshold``: :func:`dropout_threshold` of p. Returns a
+    boolean block (4C,) or (R, 4C): element 4k + l is kept when lane l of Philox(seed, counter k)
+    reaches the threshold, i.e. with probability 1 - p. Counter-based, so the backward regenerates
+    the forward's mask from the seed instead of storing it; 64-bit counters (split into two 32-bit
+    Philox words) keep tensors beyond 2^33 elements distinct.
+    """
+    lo = counters.to(tl.uint32)
+    hi = (counters >> 32).to(tl.uint32)
+    zero = tl.zeros_like(lo)
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    # Interleave the four lanes so that lane l lands on element 4k + l.
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    if len(counters.shape) == 1:
+        r = tl.reshape(r, [4 * counters.shape[0]])
+    else:
+        r = tl.reshape(r, [counters.shape[0], 4 * counters.shape[1]])
+    return r.to(tl.int64) >= threshold

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def draw_seed(device: torch.device | str) -> int:
-    """A fresh 31-bit seed from torch's default generator for ``device``.
+def draw_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh seed from torch's default generator for ``device``: a (1,) int64 tensor on it.
 
     Drawing it from torch's generator (rather than Python's) makes ``torch.manual_seed(s)``
-    reproduce a fastdl call exactly, and successive calls differ. On CUDA this reads the CUDA
-    generator, as torch's own dropout does.
+    reproduce a fastdl call exactly, and successive calls differ. The seed stays on the device --
+    the kernels load it themselves -- so drawing it never waits for the GPU, and inside a CUDA
+    graph each replay draws a new one (torch's generators are graph-safe).
     """
-    device = torch.device(device)
-    if device.type == "meta":
-        return 0
-    return int(torch.randint(0, 2**31 - 1, (1,), device=device).item())
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

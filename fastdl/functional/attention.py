@@ -126,7 +126,8 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, is_causal: bool, scale: float | None, dropout_p: float, seed: int):
+    def forward(ctx, q, k, v, attn_mask, is_causal: bool, scale: float | None, dropout_p: float,
+                seed: torch.Tensor | None):
         o, lse = backend.kernels("attention").attention_fwd(q, k, v, attn_mask, is_causal, scale,
                                                             dropout_p, seed)
         ctx.save_for_backward(q, k, v, attn_mask, o, lse)
@@ -165,7 +166,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     dropout_p = float(dropout_p)
-    seed = draw_seed(query.device) if dropout_p > 0.0 else 0
+    seed = draw_seed(query.device) if dropout_p > 0.0 else None
     out = ScaledDotProductAttentionFunction.apply(
         _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, bool(is_causal),
         None if scale is None else float(scale), dropout_p, seed)
@@ -229,7 +230,7 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, sca
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
+    gen = torch.Generator(q.device).manual_seed(int(seed)) if dropout_p > 0 else None
     o = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     bounds = zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist()[:-1],
@@ -256,7 +257,7 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, sca
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                          is_causal: bool, scale: float | None,
-                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o (Tq, H, Dv), lse (H, Tq) float32) of attention within each packed sequence."""
     if _varlen_backend(q, v) == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
@@ -275,7 +276,7 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                   dropout_p: float, is_causal: bool, scale: float | None,
-                                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
@@ -332,7 +333,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale)
     dropout_p = float(dropout_p)
-    seed = draw_seed(q.device) if dropout_p > 0.0 else 0
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _ = torch.ops.fastdl.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                int(max_seqlen_k), dropout_p, bool(is_causal),
                                                None if scale is None else float(scale), seed)

@@ -2,8 +2,9 @@
 
 ``dropout`` has ``torch.nn.functional.dropout``'s signature and semantics. On the kernel path its
 mask comes from a counter-based generator keyed by a seed drawn from torch's generator for the
-input's device (so ``torch.manual_seed`` reproduces it); the backward regenerates the mask from
-that seed and nothing else is saved. The torch path is PyTorch's own dropout: same distribution,
+input's device (so ``torch.manual_seed`` reproduces it) and kept there as a one-element tensor the
+kernels read (no host synchronisation); the backward regenerates the mask from that seed and
+nothing else is saved. The torch path is PyTorch's own dropout: same distribution,
 different random stream.
 
 ``dropout_add_layer_norm`` computes, in one kernel, the "add & norm" step::
@@ -41,7 +42,7 @@ class DropoutFunction(torch.autograd.Function):
     """y = dropout(x) on the kernel path; only the seed is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, input, p: float, seed: int, inplace: bool):
+    def forward(ctx, input, p: float, seed: torch.Tensor, inplace: bool):
         kernels = backend.kernels("dropout")
         ctx.p, ctx.seed = p, seed
         if not inplace:
@@ -96,7 +97,7 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, p: float, eps: float, seed: int):
+    def forward(ctx, x, residual, weight, bias, p: float, eps: float, seed: torch.Tensor | None):
         rows = (math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, n): n may be 0
         out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
             x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
@@ -147,5 +148,5 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
         return F.layer_norm(pre, (x.shape[-1],), weight, bias, eps), pre
     if not training:
         p = 0.0
-    seed = draw_seed(x.device) if p > 0.0 and x.numel() else 0
+    seed = draw_seed(x.device) if p > 0.0 and x.numel() else None
     return DropoutAddLayerNormFunction.apply(x, residual, weight, bias, p, float(eps), seed)

@@ -119,7 +119,7 @@ class BertEmbeddingsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
-                ln_bias, eps: float, p: float, seed: int, padding_idx: int | None):
+                ln_bias, eps: float, p: float, seed: torch.Tensor | None, padding_idx: int | None):
         ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
         out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
             *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
@@ -232,6 +232,6 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
         return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
     if not training:
         p = 0.0
-    seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else 0
+    seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else None
     return BertEmbeddingsFunction.apply(input_ids, token_type_ids, position_ids, word, position,
                                         token_type, ln_weight, ln_bias, float(eps), p, seed, pad)

@@ -35,7 +35,8 @@ def _seeded_keep(backend, device, shape, p, seed):
         return None
     torch.manual_seed(seed)
     kernel_seed = draw_seed(device)
-    return fastdl.backend.kernels("dropout").keep_mask(shape, p, kernel_seed, device)
+    # dropout counts elements in flat order: the mask of the flat (numel,) view.
+    return fastdl.backend.kernels("dropout").keep_mask((math.prod(shape),), p, kernel_seed, device).view(shape)
 
 
 def _check_against_mask(x, y, dy, dx, p):
