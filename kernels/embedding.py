@@ -11,15 +11,17 @@ plain parallel scatter needs float atomics -- whose summation order, and so resu
 run to run, and which Triton's interpreter cannot do in fp16 at all. The only path here is
 deterministic, by sorting instead:
 
-1. The launcher sorts the flat indices with ``torch.sort(stable=True)`` and splits the sorted list
-   into *segments* of equal index (``torch.unique_consecutive``), and every segment into *pieces*
-   of at most ``ROWS_PER_PIECE`` tokens, so that a padding token or a token-type id repeated
-   16K times is still summed by many programs in parallel.
-2. ``_segment_sum_kernel``, one program per (piece, column block), sums the piece's ``dout`` rows,
-   ``BLOCK_R`` of them per step into a (BLOCK_R, BLOCK_N) float32 accumulator that is reduced
-   once at the end. When every segment is a single piece (the usual vocabulary lookup), the
-   program writes its sum straight into ``dweight[v]``; otherwise into a (pieces, N) float32
-   buffer, and the same kernel run over that buffer adds each segment's pieces in order.
+1. The launcher sorts the flat indices with ``torch.sort(stable=True)``. In sorted order a *run*
+   is a stretch of equal indices, cut into *pieces* of at most ``ROWS_PER_PIECE`` tokens, so that a
+   padding token or a token-type id repeated 16K times is still summed by many programs in
+   parallel. Run and piece boundaries come from comparisons, cumulative max/min and cumsum over
+   the sorted list -- tensors of the input's size, never read back, so no host synchronisation.
+2. ``_segment_sum_kernel`` runs one slot per sorted position (and column block): a slot that
+   starts a piece sums its ``dout`` rows, ``BLOCK_R`` of them per step into a (BLOCK_R, BLOCK_N)
+   float32 accumulator reduced once at the end; the other slots return at once. A single-piece
+   run (the usual vocabulary lookup) is written straight into ``dweight[v]``; the pieces of a
+   longer run go to a (2K / ROWS_PER_PIECE, N) float32 buffer, and a second launch of the same
+   kernel adds each long run's pieces in order.
 
 Each row of ``dweight`` is written by exactly one program and every sum has a fixed order, so
 gradients are bitwise reproducible; the price is one sort of M integers (cheap next to the M x N
@@ -63,28 +65,30 @@ MAX_BERT_DIM = 16384
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
-def _gather_kernel(IDX, W, OUT, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT[m, :] = W[IDX[m], :] for one tile. IDX: (M,) int32/int64; W: (V, N); OUT: (M, N)."""
+def _gather_kernel(IDX, W, OUT, M, N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[m, :] = W[IDX[m], :] for one tile. IDX: (M,) int32/int64; W: (V, N); OUT: (M, N).
+    An index outside [0, V) reads nothing and gives a zero row (the caller reports it)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     idx = tl.load(IDX + rows, mask=row_mask, other=0).to(tl.int64)  # int64: idx * N may pass 2^31
-    mask = row_mask[:, None] & (cols < N)[None, :]
+    mask = (row_mask & (idx >= 0) & (idx < V))[:, None] & (cols < N)[None, :]
     vals = tl.load(W + idx[:, None] * N + cols[None, :], mask=mask, other=0.0)
     tl.store(OUT + rows[:, None] * N + cols[None, :], vals, mask=mask)
 
 
 @ensure_contiguous
 def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Rows of weight (V, N) at idx (M,) int32/int64, all in [0, V). Returns (M, N) in weight's dtype."""
-    M, (_, N) = idx.numel(), weight.shape
+    """Rows of weight (V, N) at idx (M,) int32/int64. Returns (M, N) in weight's dtype; the row of an
+    index outside [0, V) is zero (never read out of bounds; the caller checks the range)."""
+    M, (V, N) = idx.numel(), weight.shape
     out = torch.empty((M, N), dtype=weight.dtype, device=weight.device)
     if M == 0 or N == 0:
         return out
     BLOCK_N = min(block_size(N), 1024)
     BLOCK_M = min(max(1, GATHER_TILE // BLOCK_N), triton.next_power_of_2(M))
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _gather_kernel[grid](idx, weight, out, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    _gather_kernel[grid](idx, weight, out, M, N, V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                          num_warps=num_warps_for(BLOCK_M * BLOCK_N))
     return out
 
@@ -95,88 +99,107 @@ def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _segment_sum_kernel(
-    SRC, ROWS, LO, HI, KEYS, COUNTS, OUT,  # SRC: (R, N); ROWS: (K,) int64; LO, HI, KEYS, COUNTS: (S,)
-    N, padding_idx,
-    INDIRECT: tl.constexpr, TO_TABLE: tl.constexpr, SCALE_BY_FREQ: tl.constexpr,
+    SRC, ROWS, LO, HI, DEST, PART_DEST, COUNTS, OUT, PART,  # SRC: (R, N); ROWS: (K,); LO..COUNTS: (S,)
+    N, INDIRECT: tl.constexpr, SCALE_BY_FREQ: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Sum rows lo..hi-1 of SRC (through ROWS when INDIRECT) for segment s = program_id(0).
+    """Sum rows LO[s] .. HI[s] - 1 of SRC (through ROWS when INDIRECT) for slot s = program_id(0).
 
-    TO_TABLE: write the sum (over COUNTS[s] when SCALE_BY_FREQ) to OUT[KEYS[s]], unless KEYS[s]
-    is padding_idx; else write it to OUT[s], a partial row for a second pass.
+    The sum goes to OUT[DEST[s]] (divided by COUNTS[s] when SCALE_BY_FREQ) if DEST[s] >= 0, and
+    to PART[PART_DEST[s]], a partial row for a second pass, if PART_DEST[s] >= 0; a slot with
+    neither does nothing (the launch is sized from shapes, so many slots are empty).
     """
     seg = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    lo = tl.load(LO + seg)  # int64
-    hi = tl.load(HI + seg)
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
-    for start in range(0, hi - lo, BLOCK_R):
-        pos = lo + start + tl.arange(0, BLOCK_R)
-        pos_mask = pos < hi
-        if INDIRECT:
-            rows = tl.load(ROWS + pos, mask=pos_mask, other=0)
-        else:
-            rows = pos
-        mask = pos_mask[:, None] & col_mask[None, :]
-        acc += tl.load(SRC + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(ACC)
-    total = tl.sum(acc, axis=0)
-    if TO_TABLE:
-        key = tl.load(KEYS + seg)
-        if SCALE_BY_FREQ:
-            total = total / tl.load(COUNTS + seg).to(ACC)
-        if key != padding_idx:
-            tl.store(OUT + key * N + cols, total, mask=col_mask)
-    else:
-        tl.store(OUT + seg.to(tl.int64) * N + cols, total, mask=col_mask)
+    dest = tl.load(DEST + seg)  # int64
+    part_dest = tl.load(PART_DEST + seg)
+    if (dest >= 0) | (part_dest >= 0):
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        lo = tl.load(LO + seg)  # int64
+        hi = tl.load(HI + seg)
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
+        for start in range(0, hi - lo, BLOCK_R):
+            pos = lo + start + tl.arange(0, BLOCK_R)
+            pos_mask = pos < hi
+            if INDIRECT:
+                rows = tl.load(ROWS + pos, mask=pos_mask, other=0)
+            else:
+                rows = pos
+            mask = pos_mask[:, None] & col_mask[None, :]
+            acc += tl.load(SRC + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(ACC)
+        total = tl.sum(acc, axis=0)
+        if part_dest >= 0:
+            tl.store(PART + part_dest * N + cols, total, mask=col_mask)
+        if dest >= 0:
+            if SCALE_BY_FREQ:
+                total = total / tl.load(COUNTS + seg).to(ACC)
+            tl.store(OUT + dest * N + cols, total, mask=col_mask)
 
 
 def _segment_sum_into(out: torch.Tensor, src: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor | None,
                       padding_idx: int, scale_grad_by_freq: bool) -> None:
     """out[k] = sum of src[r] over the pairs (keys[i], rows[i]) with keys[i] == k, deterministically.
 
-    out: (V, N) zeroed, any float dtype; src: (R, N) contiguous; keys: (K,) int64 in [0, V);
-    rows: (K,) int64 row of src for each key, or None meaning rows[i] = i. Row ``padding_idx`` of
-    out is left alone (-1: none).
+    out: (V, N) zeroed, any float dtype; src: (R, N) contiguous; keys: (K,) int64; rows: (K,) int64
+    row of src for each key, or None meaning rows[i] = i. Row ``padding_idx`` of out is left alone
+    (-1: none), and so is every key outside [0, V) (never written out of bounds).
+
+    Every buffer and grid is sized from K alone -- nothing is read back from the device. In sorted
+    order, a *run* is a stretch of equal keys and a *piece* the ROWS_PER_PIECE rows of a run from
+    each multiple of ROWS_PER_PIECE on. Pass 1 has one slot per sorted position: a slot that starts
+    a piece sums it, into out directly when its run is a single piece, else into a partial row
+    (runs of more than ROWS_PER_PIECE rows hold under 2K / ROWS_PER_PIECE pieces in all). Pass 2
+    (only when K > ROWS_PER_PIECE) adds each long run's consecutive partial rows in order.
     """
-    N = src.shape[1]
-    if keys.numel() == 0 or N == 0:
+    N, K = src.shape[1], keys.numel()
+    V = out.shape[0]
+    if K == 0 or N == 0:
         return
+    R = ROWS_PER_PIECE
+    device = keys.device
     sorted_keys, order = torch.sort(keys, stable=True)  # stable: equal keys keep token order
     src_rows = order if rows is None else rows[order]
-    uniq, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    seg_end = torch.cumsum(counts, 0)
-    seg_start = seg_end - counts
+    pos = torch.arange(K, device=device)
+    is_start = torch.ones(K, dtype=torch.bool, device=device)
+    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    is_end = torch.ones(K, dtype=torch.bool, device=device)
+    is_end[:-1] = is_start[1:]
+    run_start = torch.cummax(torch.where(is_start, pos, 0), 0).values
+    run_end = torch.cummin(torch.where(is_end, pos + 1, K).flip(0), 0).values.flip(0)
+    count = run_end - run_start
+    piece_head = (pos - run_start) % R == 0
+    long_run = count > R
+    valid = (sorted_keys >= 0) & (sorted_keys < V) & (sorted_keys != padding_idx)
+    table_dest = torch.where(valid, sorted_keys, -1)
+    part_index = torch.cumsum(piece_head & long_run, 0) - 1
+    none = torch.full_like(pos, -1)
+
     acc = acc_dtype(src.dtype)
     BLOCK_N = min(block_size(N), 256)
     BLOCK_R = 16
-    num_warps = num_warps_for(BLOCK_R * BLOCK_N)
-    scale = dict(COUNTS=counts, SCALE_BY_FREQ=scale_grad_by_freq)
-    direct = int(counts.max()) <= ROWS_PER_PIECE
-    if direct:
-        _segment_sum_kernel[(uniq.numel(), triton.cdiv(N, BLOCK_N))](
-            src, src_rows, seg_start, seg_end, uniq, **scale, OUT=out, N=N, padding_idx=padding_idx,
-            INDIRECT=True, TO_TABLE=True, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
-        return
-    # Split long segments into pieces of ROWS_PER_PIECE sorted tokens; the pieces of one segment
-    # are consecutive, so the second pass sums partial rows piece_first[s] .. piece_end[s] - 1.
-    pieces = (counts + ROWS_PER_PIECE - 1) // ROWS_PER_PIECE
-    piece_end = torch.cumsum(pieces, 0)
-    piece_first = piece_end - pieces
-    num_pieces = int(piece_end[-1])
-    piece_seg = torch.repeat_interleave(torch.arange(uniq.numel(), device=keys.device), pieces,
-                                        output_size=num_pieces)
-    piece_lo = seg_start[piece_seg] + (torch.arange(num_pieces, device=keys.device)
-                                       - piece_first[piece_seg]) * ROWS_PER_PIECE
-    piece_hi = torch.minimum(piece_lo + ROWS_PER_PIECE, seg_end[piece_seg])
-    partial = torch.empty((num_pieces, N), dtype=torch.float64 if acc == tl.float64 else torch.float32,
+    common = dict(N=N, SCALE_BY_FREQ=scale_grad_by_freq, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+                  num_warps=num_warps_for(BLOCK_R * BLOCK_N))
+    long_pieces = 2 * K // R + 1 if K > R else 0
+    partial = torch.empty((long_pieces, N), dtype=torch.float64 if acc == tl.float64 else torch.float32,
                           device=src.device)
-    _segment_sum_kernel[(num_pieces, triton.cdiv(N, BLOCK_N))](
-        src, src_rows, piece_lo, piece_hi, uniq, **scale, OUT=partial, N=N, padding_idx=padding_idx,
-        INDIRECT=True, TO_TABLE=False, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
-    _segment_sum_kernel[(uniq.numel(), triton.cdiv(N, BLOCK_N))](
-        partial, partial, piece_first, piece_end, uniq, **scale, OUT=out, N=N, padding_idx=padding_idx,
-        INDIRECT=False, TO_TABLE=True, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    _segment_sum_kernel[(K, triton.cdiv(N, BLOCK_N))](
+        src, src_rows, pos, torch.minimum(pos + R, run_end),
+        torch.where(piece_head & ~long_run, table_dest, -1),
+        torch.where(piece_head & long_run, part_index, -1), count, out, partial,
+        INDIRECT=True, **common)
+    if K <= R:  # no run can be longer than a piece
+        return
+    # Pass 2: one slot per long run, packed into the first slots of a K // (R + 1) grid.
+    slots = K // (R + 1)
+    first = is_start & long_run
+    slot = torch.where(first, torch.cumsum(first, 0) - 1, slots)  # slot `slots`: a discard row
+    lo, dest, counts = (torch.full((slots + 1,), -1, dtype=torch.int64, device=device) for _ in range(3))
+    lo.scatter_(0, slot, part_index)
+    dest.scatter_(0, slot, table_dest)
+    counts.scatter_(0, slot, count)
+    hi = lo + (counts + R - 1) // R
+    _segment_sum_kernel[(slots, triton.cdiv(N, BLOCK_N))](
+        partial, partial, lo, hi, dest, none, counts, out, partial, INDIRECT=False, **common)
 
 
 @ensure_contiguous
@@ -199,28 +222,37 @@ def embedding_bwd(dout: torch.Tensor, idx: torch.Tensor, num_embeddings: int, pa
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC: tl.constexpr):
-    """word[wid] + position[pid] + token_type[tid] for token ``row``, in ACC; 0 outside ``mask``."""
-    wid = tl.load(WORD_IDS + row).to(tl.int64)
-    pid = tl.load(POS_IDS + row).to(tl.int64)
-    tid = tl.load(TYPE_IDS + row).to(tl.int64)
-    s = tl.load(WORD + wid * N + cols, mask=mask, other=0.0).to(ACC)
-    s += tl.load(POS + pid * N + cols, mask=mask, other=0.0).to(ACC)
-    s += tl.load(TYPE + tid * N + cols, mask=mask, other=0.0).to(ACC)
+def _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, V, P, T,
+                   ACC: tl.constexpr):
+    """word[wid] + position[pid] + token_type[tid] for token ``row``, in ACC; 0 outside ``mask``.
+    Tables have V, P, T rows; an index outside its table reads nothing (the caller reports it)."""
+    s = _table_row(WORD_IDS, WORD, row, cols, mask, N, V, ACC)
+    s += _table_row(POS_IDS, POS, row, cols, mask, N, P, ACC)
+    s += _table_row(TYPE_IDS, TYPE, row, cols, mask, N, T, ACC)
     return s
+
+
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
+def _table_row(IDS, TABLE, row, cols, mask, N, rows, ACC: tl.constexpr):
+    """TABLE[IDS[row], cols] in ACC, 0 outside ``mask`` -- and for an index outside [0, rows),
+    whose row is replaced by row 0 so that nothing is read out of bounds, then zeroed."""
+    idx = tl.load(IDS + row).to(tl.int64)
+    ok = (idx >= 0) & (idx < rows)
+    vals = tl.load(TABLE + tl.where(ok, idx, 0) * N + cols, mask=mask, other=0.0).to(ACC)
+    return tl.where(ok, vals, 0.0)
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_fwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, LN_B, OUT, MEAN, RSTD,  # ids (M,); tables (*, N)
-    SEED, N, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT
+    SEED, N, V, P, T, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT; V, P, T: rows
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC)
+    s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, V, P, T, ACC)
     mean = tl.sum(s, axis=0) / N
     xc = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
@@ -241,7 +273,7 @@ def _bert_embeddings_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_bwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
-    SEED, M, N, rows_per_program, threshold, scale,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
+    SEED, M, N, V, P, T, rows_per_program, threshold, scale,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -258,7 +290,7 @@ def _bert_embeddings_bwd_kernel(
     for i in range(0, num_rows):
         row = row_start + i
         offsets = row * N + cols
-        s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, ACC)
+        s = _embedding_sum(WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, row, cols, mask, N, V, P, T, ACC)
         # The stored mean is rounded to float32; re-centre on it exactly (see kernels/layer_norm.py).
         xs = tl.where(mask, s - tl.load(MEAN + row), 0.0)
         rstd = tl.load(RSTD + row)
@@ -280,6 +312,10 @@ def _bert_embeddings_bwd_kernel(
         tl.store(DB_PART + pid.to(tl.int64) * N + cols, db, mask=mask)
 
 
+def _table_rows(*tables: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape[0] for t in tables)
+
+
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -289,7 +325,7 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
                         eps: float, p: float, seed: torch.Tensor | None):
     """dropout(LayerNorm(word[word_ids] + position[pos_ids] + token_type[type_ids])).
 
-    ids: (M,) int32/int64, in range; word (V, N), position (P, N), token_type (T, N) any float dtype;
+    ids: (M,) int32/int64 (out of range: a zero row, never read); word (V, N), position (P, N), token_type (T, N) any float dtype;
     ln_weight, ln_bias: (N,) or None; N <= MAX_BERT_DIM. ``seed``: (1,) int64 on the tables' device,
     or None (with ``p`` = 0: no dropout, no random numbers). Returns out
     (M, N) in the tables' promoted dtype, and mean, rstd (M,) float32 (float64 for float64 tables).
@@ -305,7 +341,8 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
     _bert_embeddings_fwd_kernel[(M,)](
         word_ids, pos_ids, type_ids, word, position, token_type,
         ln_weight if ln_weight is not None else word, ln_bias if ln_bias is not None else word,
-        out, mean, rstd, seed if seed is not None else mean, N, eps, dropout_threshold(p), keep_scale(p),
+        out, mean, rstd, seed if seed is not None else mean, N, *_table_rows(word, position, token_type),
+        eps, dropout_threshold(p), keep_scale(p),
         HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, DROPOUT=seed is not None and p > 0.0,
         ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
     )
@@ -338,7 +375,8 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
         _bert_embeddings_bwd_kernel[(programs,)](
             word_ids, pos_ids, type_ids, word, position, token_type,
             ln_weight if has_w else word, mean, rstd, dout, ds, dw_part, db_part,
-            seed if seed is not None else mean, M, N, rows_per_program, dropout_threshold(p), keep_scale(p),
+            seed if seed is not None else mean, M, N, *_table_rows(word, position, token_type),
+            rows_per_program, dropout_threshold(p), keep_scale(p),
             HAS_W=has_w, HAS_B=has_b, DROPOUT=seed is not None and p > 0.0,
             ACC=acc_dtype(mean.dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
         )

@@ -9,9 +9,18 @@ row's gradient divided by how often it occurs in the batch) and ``sparse`` (a sp
 
     out = dropout(LayerNorm(word[input_ids] + position[position_ids] + token_type[token_type_ids]))
 
-Every backend checks the indices first: an index outside ``[0, num_embeddings)`` raises IndexError
-naming it (a GPU gather would otherwise read out of bounds silently), a non-integer index tensor
-raises TypeError. That check costs one min/max reduction and one host sync per index tensor.
+Every backend checks the indices: a non-integer index tensor raises TypeError at the call. An
+index outside ``[0, num_embeddings)``:
+
+* CPU tensors: IndexError at the call, naming the first bad value (one min/max reduction; reading
+  it costs nothing on the CPU).
+* CUDA (and other accelerator) tensors: a device-side check, as torch's own embedding does -- the
+  error is raised at the next synchronisation point (``RuntimeError: ... device-side assert``), so
+  the check never stops the host and a step can run inside a CUDA graph. The kernels never read
+  or write out of bounds meanwhile (the row of a bad index is zero). To see the bad value, run
+  the same call on CPU tensors, or set the environment variable ``FASTDL_EAGER_INDEX_CHECK=1``
+  (every device then reads the range back, one host sync per index tensor, and raises the CPU's
+  IndexError at the call; ``=0`` gives CPU tensors the device-side check too).
 
 Weight gradients on the kernel path are always computed deterministically (the default, and the
 only path): the launcher sorts the indices and one program sums each run of equal indices in a
@@ -23,6 +32,7 @@ the rows moved. Double backward is not supported on the kernel path.
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +50,33 @@ def _check_weight(name: str, weight: torch.Tensor) -> None:
                          f"got shape {tuple(weight.shape)}")
 
 
+EAGER_INDEX_CHECK_VAR = "FASTDL_EAGER_INDEX_CHECK"
+
+
+def _eager_index_check(device: torch.device) -> bool:
+    """Whether index ranges are checked on the host (IndexError at the call) for ``device``:
+    ``FASTDL_EAGER_INDEX_CHECK`` = 1 / 0 forces yes / no, unset means CPU tensors only."""
+    forced = os.environ.get(EAGER_INDEX_CHECK_VAR)
+    if forced is None or forced.strip() == "":
+        return device.type == "cpu"
+    return forced.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str) -> None:
-    """TypeError unless ``indices`` is an int32/int64 tensor; IndexError naming the first value
-    outside ``[0, num_embeddings)`` (one min/max reduction, one host sync)."""
+    """TypeError unless ``indices`` is an int32/int64 tensor; an index outside ``[0, num_embeddings)``
+    raises IndexError naming it at the call (CPU), or fails a device-side assertion raised at the
+    next synchronisation (CUDA): see the module docstring."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 or int32 indices, "
                         f"got {type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
     if indices.numel() == 0:
+        return
+    if not _eager_index_check(indices.device):
+        in_range = ((indices >= 0) & (indices < num_embeddings)).all()
+        torch._assert_async(in_range, f"fastdl: {name} contains an index outside [0, {num_embeddings}) "
+                                      f"for {table}")
         return
     low, high = (v.item() for v in torch.aminmax(indices))
     if low < 0 or high >= num_embeddings:
@@ -100,9 +128,10 @@ class EmbeddingFunction(torch.autograd.Function):
             if ctx.scale_grad_by_freq:
                 raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
                                    "(as in PyTorch)")
-            keep = slice(None) if ctx.padding_idx is None else idx != ctx.padding_idx
-            dweight = torch.sparse_coo_tensor(idx[keep].to(torch.int64).unsqueeze(0),
-                                              dout[keep].to(ctx.weight_dtype), (num, dim),
+            values = dout.to(ctx.weight_dtype)
+            if ctx.padding_idx is not None:  # zeroed rather than removed: no data-sized result
+                values = values * (idx != ctx.padding_idx).unsqueeze(1).to(values.dtype)
+            dweight = torch.sparse_coo_tensor(idx.to(torch.int64).unsqueeze(0), values, (num, dim),
                                               check_invariants=False)  # indices were range-checked
         else:
             dweight = backend.kernels("embedding").embedding_bwd(
