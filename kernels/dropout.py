@@ -62,7 +62,8 @@ def keep_scale(p: float) -> float:
 
 
 @ensure_contiguous
-def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Dropout of ``x`` (any shape, fp16/bf16/fp32/fp64) with the mask of ``seed``.
 
     seed: one-element int64 tensor on x's device (read by the kernel only). Returns a contiguous

@@ -31,7 +31,8 @@ Fused BERT embeddings (one program per token, its D-wide row in registers)::
 
     s   = word[wid] + position[pid] + token_type[tid]            (float32)
     y   = (s - mean(s)) * rstd * ln_weight + ln_bias,  rstd = 1 / sqrt(var(s) + eps)
-    out = keep(seed, m, d) ? y / (1 - p) : 0       dropout: lane d % 4 of Philox counter m * ceil(D / 4) + d // 4
+    out = keep(seed, m, d) ? y / (1 - p) : 0       dropout: lane d % 4 of Philox counter
+                                                    m * ceil(D / 4) + d // 4
 
 Saved for the backward: the three index vectors, mean and rstd (M,) float32 and the seed -- no
 sum, no mask. The backward kernel recomputes s from the tables, regenerates the mask, and writes
@@ -273,7 +274,7 @@ def _bert_embeddings_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_bwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
-    SEED, M, N, V, P, T, rows_per_program, threshold, scale,  # DOUT: (M, N); DS: (M, N) ACC; *_PART: (programs, N)
+    SEED, M, N, V, P, T, rows_per_program, threshold, scale,  # DS: (M, N) ACC; *_PART: (programs, N)
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -325,7 +326,8 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
                         eps: float, p: float, seed: torch.Tensor | None):
     """dropout(LayerNorm(word[word_ids] + position[pos_ids] + token_type[type_ids])).
 
-    ids: (M,) int32/int64 (out of range: a zero row, never read); word (V, N), position (P, N), token_type (T, N) any float dtype;
+    ids: (M,) int32/int64 (out of range: a zero row, never read); word (V, N), position (P, N),
+    token_type (T, N) any float dtype;
     ln_weight, ln_bias: (N,) or None; N <= MAX_BERT_DIM. ``seed``: (1,) int64 on the tables' device,
     or None (with ``p`` = 0: no dropout, no random numbers). Returns out
     (M, N) in the tables' promoted dtype, and mean, rstd (M,) float32 (float64 for float64 tables).

@@ -80,8 +80,9 @@ def _op_cases(device):
         ("embedding", lambda: F.embedding(idx, rnd(50, 19), padding_idx=3)),
         ("embedding scale_grad_by_freq", lambda: F.embedding(idx, rnd(50, 19), scale_grad_by_freq=True)),
         ("embedding sparse", lambda: F.embedding(idx, rnd(50, 19), padding_idx=0, sparse=True)),
-        ("bert_embeddings", lambda: F.bert_embeddings(idx, type_ids, None, rnd(50, 16), rnd(37, 16), rnd(2, 16),
-                                                      rnd(16), rnd(16), 1e-12, 0.1, True, padding_idx=0)),
+        ("bert_embeddings", lambda: F.bert_embeddings(idx, type_ids, None, rnd(50, 16), rnd(37, 16),
+                                                      rnd(2, 16), rnd(16), rnd(16), 1e-12, 0.1, True,
+                                                      padding_idx=0)),
         ("attention dropout causal gqa", lambda: F.scaled_dot_product_attention(
             rnd(2, 4, 19, 16), rnd(2, 2, 23, 16), rnd(2, 2, 23, 16), dropout_p=0.2, is_causal=True,
             enable_gqa=True)),

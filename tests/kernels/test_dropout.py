@@ -36,7 +36,8 @@ def _seeded_keep(backend, device, shape, p, seed):
     torch.manual_seed(seed)
     kernel_seed = draw_seed(device)
     # dropout counts elements in flat order: the mask of the flat (numel,) view.
-    return fastdl.backend.kernels("dropout").keep_mask((math.prod(shape),), p, kernel_seed, device).view(shape)
+    keep = fastdl.backend.kernels("dropout").keep_mask((math.prod(shape),), p, kernel_seed, device)
+    return keep.view(shape)
 
 
 def _check_against_mask(x, y, dy, dx, p):
