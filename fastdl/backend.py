@@ -18,12 +18,18 @@ its kernels lazily, at the first call that needs them; ``FASTDL_BACKEND=interpre
 ``use("interpret")`` before any kernel ran) sets ``TRITON_INTERPRET=1`` while that is still
 possible. Forcing a backend that cannot run a call raises :class:`BackendError` naming the reason;
 fastdl never falls back silently from a forced backend.
+
+The choice is cached per (``use`` override, ``FASTDL_BACKEND``, ``TRITON_INTERPRET`` until the
+kernels are imported, device type): a call costs a few dictionary lookups, and changing any of those
+(entering ``use``, setting the variable) takes effect at the next call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib
 import importlib.util
 import os
 import sys
@@ -61,6 +67,12 @@ def triton_available() -> bool:
     """True when the ``triton`` package can be imported (it is absent on macOS and Windows)."""
     if "triton" in sys.modules:
         return sys.modules["triton"] is not None
+    return _triton_findable()
+
+
+@functools.cache
+def _triton_findable() -> bool:
+    # Searching sys.path costs ~100 us; installed packages do not come and go within a process.
     return importlib.util.find_spec("triton") is not None
 
 
@@ -104,12 +116,30 @@ def _why_not(name: str, tensor: torch.Tensor) -> str | None:
     return None
 
 
+# (override, FASTDL_BACKEND, TRITON_INTERPRET or True once kernels are imported, device type) -> name.
+_resolved: dict[tuple, str] = {}
+
+
 def resolve(tensor: torch.Tensor) -> str:
     """The backend a fastdl call on ``tensor`` will use.
 
     Raises :class:`BackendError` if a forced backend (``triton`` or ``interpret``) cannot run on
     this tensor.
     """
+    override = _override.get()
+    env = os.environ.get(ENV_VAR)
+    if override == "torch" or (override is None and env is not None and env.strip().lower() == "torch"):
+        return "torch"  # the common forced case, answered before any other lookup
+    # Once the kernels are imported, TRITON_INTERPRET no longer matters (their mode is fixed).
+    kernels_mode = True if "fastdl.kernels.utils" in sys.modules else os.environ.get("TRITON_INTERPRET")
+    key = (override, env, kernels_mode, tensor.device.type)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(tensor)  # not cached when it raises
+    return name
+
+
+def _resolve(tensor: torch.Tensor) -> str:
     name = requested()
     if name == "auto":
         if triton_available() and interpreter_active():
@@ -142,7 +172,8 @@ def select(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str
 
 def kernels(family: str):
     """The launcher module ``fastdl.kernels.<family>``, imported on first use (needs Triton)."""
-    return importlib.import_module(f"fastdl.kernels.{family}")
+    module = sys.modules.get(f"fastdl.kernels.{family}")
+    return module if module is not None else importlib.import_module(f"fastdl.kernels.{family}")
 
 
 @contextlib.contextmanager

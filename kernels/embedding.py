@@ -73,8 +73,9 @@ def _gather_kernel(IDX, W, OUT, M, N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     idx = tl.load(IDX + rows, mask=row_mask, other=0).to(tl.int64)  # int64: idx * N may pass 2^31
-    mask = (row_mask & (idx >= 0) & (idx < V))[:, None] & (cols < N)[None, :]
-    vals = tl.load(W + idx[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    in_table = ((idx >= 0) & (idx < V))[:, None]
+    vals = tl.load(W + idx[:, None] * N + cols[None, :], mask=mask & in_table, other=0.0)
     tl.store(OUT + rows[:, None] * N + cols[None, :], vals, mask=mask)
 
 

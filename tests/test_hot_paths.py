@@ -132,6 +132,36 @@ def test_kernel_path_never_syncs(kernel_backend, case):
     assert recorder.calls == [], f"{name} synchronises: {recorder.calls}"
 
 
+def test_device_side_index_check(kernel_backend):
+    """The check CUDA tensors get by default, here in its CPU form (torch._assert_async raises at
+    once on CPU, at the next synchronisation on CUDA): it fails for a bad index of each table."""
+    if kernel_backend == "cuda":
+        pytest.skip("a failed device-side assertion ends the CUDA context")
+    w = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match=r"input contains an index outside \[0, 10\)"):
+        F.embedding(torch.tensor([[0, 3], [10, 2]]), w)
+    ids = torch.tensor([[1, 2, 3]])
+    tables = (torch.randn(10, 8), torch.randn(3, 8), torch.randn(2, 8), None, None)
+    with pytest.raises(RuntimeError, match="token_type_ids contains an index outside"):
+        F.bert_embeddings(ids, torch.tensor([[0, 2, 1]]), None, *tables, 1e-12, 0.0, True)
+    with pytest.raises(RuntimeError, match="position_ids contains an index outside"):
+        F.bert_embeddings(ids, None, torch.tensor([[0, 1, 3]]), *tables, 1e-12, 0.0, True)
+
+
+def test_kernels_never_read_out_of_bounds(kernel_backend):
+    """While a device-side check is pending, the kernels read no row for a bad index: it is 0."""
+    if kernel_backend == "cuda":
+        pytest.skip("runs the launchers on CPU tensors")
+    w = torch.randn(10, 4)
+    out = fastdl.backend.kernels("embedding").embedding_fwd(torch.tensor([3, 10, -1, 2]), w)
+    assert torch.equal(out[[0, 3]], w[[3, 2]]) and torch.equal(out[[1, 2]], torch.zeros(2, 4))
+    dw = fastdl.backend.kernels("embedding").embedding_bwd(torch.ones(4, 4), torch.tensor([3, 10, -1, 3]),
+                                                           10, None, False, torch.float32)
+    expected = torch.zeros(10, 4)
+    expected[3] = 2.0
+    assert torch.equal(dw, expected)
+
+
 def _tiny_bert(device):
     config = BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=48, max_position_embeddings=16)

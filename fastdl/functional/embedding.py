@@ -62,16 +62,17 @@ def _eager_index_check(device: torch.device) -> bool:
     return forced.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str) -> None:
-    """TypeError unless ``indices`` is an int32/int64 tensor; an index outside ``[0, num_embeddings)``
-    raises IndexError naming it at the call (CPU), or fails a device-side assertion raised at the
-    next synchronisation (CUDA): see the module docstring."""
+def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str,
+                   values: bool = True) -> None:
+    """TypeError unless ``indices`` is an int32/int64 tensor; with ``values``, an index outside
+    ``[0, num_embeddings)`` raises IndexError naming it at the call (CPU), or fails a device-side
+    assertion raised at the next synchronisation (CUDA): see the module docstring."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 or int32 indices, "
                         f"got {type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
-    if indices.numel() == 0:
+    if not values or indices.numel() == 0:
         return
     if not _eager_index_check(indices.device):
         in_range = ((indices >= 0) & (indices < num_embeddings)).all()
@@ -183,11 +184,18 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     as torch's does).
     """
     _check_weight("weight", weight)
-    _check_indices("input", input, weight.shape[0], "weight")
+    _check_indices("input", input, weight.shape[0], "weight", values=False)
     check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
     if backend.select("embedding", weight) == "torch":
-        return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+        # torch checks the range itself (IndexError on CPU, a device-side assert on CUDA); ours
+        # runs only to name the bad index, so a valid call pays nothing for it.
+        try:
+            return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+        except IndexError:
+            _check_indices("input", input, weight.shape[0], "weight")
+            raise
+    _check_indices("input", input, weight.shape[0], "weight")
     if max_norm is not None:
         with torch.no_grad():  # in place, and invisible to autograd, exactly as torch does it
             torch.embedding_renorm_(weight, input.contiguous(), float(max_norm), float(norm_type))
@@ -249,16 +257,25 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
         if t is not None and t.shape[-1] != dim:
             raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
                              f"{tuple(t.shape)}")
-    _check_indices("input_ids", input_ids, word.shape[0], "word")
     token_type_ids, position_ids = _bert_ids(input_ids, token_type_ids, position_ids)
-    _check_indices("token_type_ids", token_type_ids, token_type.shape[0], "token_type")
-    _check_indices("position_ids", position_ids, position.shape[0], "position")
+    lookups = (("input_ids", input_ids, word, "word"),
+               ("token_type_ids", token_type_ids, token_type, "token_type"),
+               ("position_ids", position_ids, position, "position"))
+    for name, ids, table, table_name in lookups:
+        _check_indices(name, ids, table.shape[0], table_name, values=False)
     pad = _padding_index(padding_idx, word.shape[0])
     unsupported = None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}"
     if backend.select("bert_embeddings", word, unsupported) == "torch":
-        x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
-             + F.embedding(token_type_ids, token_type))
+        try:  # as in embedding(): torch checks the range, ours only names the bad index
+            x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
+                 + F.embedding(token_type_ids, token_type))
+        except IndexError:
+            for name, ids, table, table_name in lookups:
+                _check_indices(name, ids, table.shape[0], table_name)
+            raise
         return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
+    for name, ids, table, table_name in lookups:
+        _check_indices(name, ids, table.shape[0], table_name)
     if not training:
         p = 0.0
     seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else None

@@ -188,7 +188,9 @@ def test_matches_hugging_face_bert_embeddings(backend, device):
         assert_close(f"{name} grad", t.grad, r.grad)
 
 
-def test_out_of_range_ids_raise_index_error(backend, device):
+def test_out_of_range_ids_raise_index_error(backend, device, monkeypatch):
+    if device == "cuda":  # the opt-in eager check (CUDA's default is device-side)
+        monkeypatch.setenv("FASTDL_EAGER_INDEX_CHECK", "1")
     ids, type_ids, pos_ids = _ids(2, 5, 20, 2, device)
     args = _tables(20, 5, 2, 8, torch.float32, device)
     bad_ids, bad_types = ids.clone(), type_ids.clone()

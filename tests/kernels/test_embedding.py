@@ -147,7 +147,11 @@ def test_float64_gradcheck(backend, device):
 
 
 @pytest.mark.parametrize("bad", [10, -1, 1000])
-def test_out_of_range_index_raises_index_error_naming_it(backend, device, bad):
+def test_out_of_range_index_raises_index_error_naming_it(backend, device, bad, monkeypatch):
+    """CPU tensors: at the call. CUDA tensors check on the device unless the eager check is on
+    (a failed device-side assertion would end the CUDA context: tests/test_hot_paths.py)."""
+    if device == "cuda":
+        monkeypatch.setenv("FASTDL_EAGER_INDEX_CHECK", "1")
     w = _weight(10, 4, torch.float32, device)
     idx = torch.tensor([[0, 3], [bad, 2]], device=device)
     with pytest.raises(IndexError, match=f"index {bad}"):

@@ -117,7 +117,9 @@ def test_sparse_module_with_sparse_optimizer(backend, device):
     assert_close("weight after a SparseAdam step", ours.weight.detach(), ref.weight.detach(), rtol=1e-6)
 
 
-def test_module_bad_index(backend, device):
+def test_module_bad_index(backend, device, monkeypatch):
+    if device == "cuda":  # the opt-in eager check (CUDA's default is device-side)
+        monkeypatch.setenv("FASTDL_EAGER_INDEX_CHECK", "1")
     module = fastdl.nn.Embedding(10, 3, device=device)
     with pytest.raises(IndexError, match="index 10"):
         module(torch.tensor([[1, 10]], device=device))
