@@ -465,8 +465,8 @@ def _attn_bwd_kv_kernel(
                                L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
                                threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
                                HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, n0, rows_n, col_ok, b, h, bh,
-                               L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, n0, rows_n, col_ok, b, h,
+                               bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
                                threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
                                HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
@@ -790,7 +790,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
-                         scale: float | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
+                         scale: float | None = None, dropout_p: float = 0.0,
+                         seed: torch.Tensor | None = None):
     """Gradients of :func:`varlen_attention_fwd`: dq, dk, dv shaped like q, k, v (keys outside
     every sequence get 0). do, o (Tq, H, Dv); lse (H, Tq) from the forward."""
     qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))

@@ -276,7 +276,8 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                   dropout_p: float, is_causal: bool, scale: float | None,
-                                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  seed: torch.Tensor | None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
