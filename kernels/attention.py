@@ -466,8 +466,8 @@ def _attn_bwd_kv_kernel(
                                threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
                                HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, n0, rows_n, col_ok, b, h,
-                               bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
-                               threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
+                               bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms,
+                               qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
                                HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -37,3 +39,16 @@ def as_shape(name: str, shape) -> tuple[int, ...]:
     if isinstance(shape, (torch.Size, tuple, list)) and all(isinstance(s, int) for s in shape):
         return tuple(shape)
     raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
+
+
+EAGER_INDEX_CHECK_VAR = "FASTDL_EAGER_INDEX_CHECK"
+
+
+def eager_index_check(device: torch.device) -> bool:
+    """Whether index values (embedding rows, target classes) are checked on the host, raising
+    IndexError at the call: ``FASTDL_EAGER_INDEX_CHECK`` = 1 / 0 forces yes / no; unset means CPU
+    tensors only (on CUDA a host check would stop the host until the GPU catches up)."""
+    forced = os.environ.get(EAGER_INDEX_CHECK_VAR)
+    if forced is None or forced.strip() == "":
+        return device.type == "cpu"
+    return forced.strip().lower() in ("1", "true", "yes", "on")

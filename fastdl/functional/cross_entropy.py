@@ -31,7 +31,7 @@ import numbers
 import torch
 
 from .. import backend
-from ._validate import check_floating, check_same_device
+from ._validate import check_floating, check_same_device, eager_index_check
 
 _OP = "linear_cross_entropy"
 _REDUCTIONS = ("none", "mean", "sum")
@@ -131,9 +131,10 @@ def _chunk_function(backend_name: str):
 
 
 def _check_target_values(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """IndexError naming the first class index outside [0, vocab) (CPU tensors only: on CUDA the
-    check would be a device-to-host sync; the kernel gives such a row a NaN loss instead)."""
-    if target.dim() != 1 or target.device.type != "cpu" or target.numel() == 0:
+    """IndexError naming the first class index outside [0, vocab) (CPU tensors, or any device with
+    ``FASTDL_EAGER_INDEX_CHECK=1``: on CUDA the check is a device-to-host sync; the kernel gives
+    such a row a NaN loss instead)."""
+    if target.dim() != 1 or not eager_index_check(target.device) or target.numel() == 0:
         return
     bad = target[(target != ignore_index) & ((target < 0) | (target >= vocab))]
     if bad.numel():

@@ -32,7 +32,6 @@ the rows moved. Double backward is not supported on the kernel path.
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ._random import draw_seed
-from ._validate import check_floating, check_same_device
+from ._validate import check_floating, check_same_device, eager_index_check
 
 
 def _check_weight(name: str, weight: torch.Tensor) -> None:
@@ -48,18 +47,6 @@ def _check_weight(name: str, weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (num_embeddings, embedding_dim) tensor, "
                          f"got shape {tuple(weight.shape)}")
-
-
-EAGER_INDEX_CHECK_VAR = "FASTDL_EAGER_INDEX_CHECK"
-
-
-def _eager_index_check(device: torch.device) -> bool:
-    """Whether index ranges are checked on the host (IndexError at the call) for ``device``:
-    ``FASTDL_EAGER_INDEX_CHECK`` = 1 / 0 forces yes / no, unset means CPU tensors only."""
-    forced = os.environ.get(EAGER_INDEX_CHECK_VAR)
-    if forced is None or forced.strip() == "":
-        return device.type == "cpu"
-    return forced.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str,
@@ -74,7 +61,7 @@ def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table:
         raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
     if not values or indices.numel() == 0:
         return
-    if not _eager_index_check(indices.device):
+    if not eager_index_check(indices.device):
         in_range = ((indices >= 0) & (indices < num_embeddings)).all()
         torch._assert_async(in_range, f"fastdl: {name} contains an index outside [0, {num_embeddings}) "
                                       f"for {table}")
