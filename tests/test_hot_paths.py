@@ -165,8 +165,10 @@ def test_kernels_never_read_out_of_bounds(kernel_backend):
 
 
 def _tiny_bert(device):
+    # unpad=False: the padded path. The unpadded one (the default with a mask on the kernels)
+    # finds the real tokens with nonzero, one documented sync per forward.
     config = BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=16)
+                        intermediate_size=48, max_position_embeddings=16, unpad=False)
     model = BertForMaskedLM(config).to(device)
     ids = torch.randint(0, 61, (2, 11), device=device)
     labels = torch.where(torch.rand(2, 11, device=device) < 0.3, ids, -100)
