@@ -22,6 +22,8 @@ import torch
 SPECS: dict[str, Callable[[], None]] = {}  # "<kernel file>[ <part>]" -> the launches
 # The label of the launches being recorded (compile_report reads it).
 CASE = {"name": ""}
+# The dropout seed the kernels load: a (1,) int64 tensor.
+_SEED = torch.tensor([7], dtype=torch.int64)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,9 +74,9 @@ def layer_norm_launches():
                     ln.rms_norm_bwd(x, x, weight, rstd)
                 for residual, weight, bias in ((x, w, b), (None, None, None)):
                     out, pre, mean, rstd = ln.dropout_add_layer_norm_fwd(x, residual, weight, bias, 0.1,
-                                                                         1e-5, 7)
+                                                                         1e-5, _SEED)
                     for dpre in (x, None):
-                        ln.dropout_add_layer_norm_bwd(x, dpre, pre, weight, mean, rstd, 0.1, 7, dtype,
+                        ln.dropout_add_layer_norm_bwd(x, dpre, pre, weight, mean, rstd, 0.1, _SEED, dtype,
                                                       None if residual is None else dtype,
                                                       None if bias is None else dtype)
 
@@ -84,9 +86,9 @@ def dropout_launches():
     dropout = kernels("dropout")
     for dtype in FLOAT_DTYPES:
         with case(f"{_dt(dtype)} aligned"):
-            dropout.dropout_fwd(torch.randn(4096).to(dtype), 0.1, 3)
+            dropout.dropout_fwd(torch.randn(4096).to(dtype), 0.1, _SEED)
     with case("mask"):
-        dropout.keep_mask((4096,), 0.1, 3, "cpu")
+        dropout.keep_mask((4096,), 0.1, _SEED, "cpu")
 
 
 @spec("batch_norm")
@@ -130,8 +132,8 @@ def embedding_launches():
             tables = [torch.randn(n, N).to(dtype) for n in (100, 32, 2)]
             w, b = torch.randn(N).to(dtype), torch.randn(N).to(dtype)
             for p, weight, bias in ((0.1, w, b), (0.0, None, None)):
-                out, mean, rstd = emb.bert_embeddings_fwd(*ids, *tables, weight, bias, 1e-12, p, 5)
-                emb.bert_embeddings_bwd(out, *ids, *tables, weight, mean, rstd, p, 5, 0,
+                out, mean, rstd = emb.bert_embeddings_fwd(*ids, *tables, weight, bias, 1e-12, p, _SEED)
+                emb.bert_embeddings_bwd(out, *ids, *tables, weight, mean, rstd, p, _SEED, 0,
                                         (True, True, True), None if bias is None else dtype)
 
 
@@ -164,8 +166,8 @@ def attention_launches():
                         mask = torch.rand(B, 1, 1, S) > 0.2
                     elif mask_kind == "float":
                         mask = torch.randn(B, H, L, S).to(dtype)
-                    o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, 9)
-                    attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, 9, mask_grad)
+                    o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, _SEED)
+                    attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, _SEED, mask_grad)
 
 
 @spec("attention varlen")
@@ -178,8 +180,8 @@ def varlen_attention_launches():
         for causal, p in ((False, 0.0), (True, 0.1)):
             with case(f"{_dt(dtype)} varlen{' causal dropout' if causal else ''}"):
                 q, k, v = (torch.randn(200, H, D).to(dtype) for _ in range(3))
-                o, lse = attention.varlen_attention_fwd(q, k, v, cu, cu, 78, 78, causal, None, p, 9)
-                attention.varlen_attention_bwd(o, q, k, v, o, lse, cu, cu, 78, 78, causal, None, p, 9)
+                o, lse = attention.varlen_attention_fwd(q, k, v, cu, cu, 78, 78, causal, None, p, _SEED)
+                attention.varlen_attention_bwd(o, q, k, v, o, lse, cu, cu, 78, 78, causal, None, p, _SEED)
 
 
 @spec("cross_entropy")
