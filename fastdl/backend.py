@@ -141,6 +141,8 @@ def resolve(tensor: torch.Tensor) -> str:
 
 def _resolve(tensor: torch.Tensor) -> str:
     name = requested()
+    if tensor.device.type == "meta":
+        return "torch"  # shapes and dtypes only: torch's meta functions compute them, nothing runs
     if name == "auto":
         if triton_available() and interpreter_active():
             return "interpret"

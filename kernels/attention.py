@@ -614,7 +614,7 @@ def _check_shapes(q, k, v):
     if (Bk, Dk) != (B, D) or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if H_kv == 0 or H % H_kv:
+    if (H_kv == 0) != (H == 0) or (H_kv and H % H_kv):
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
     if max(D, v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported (got {D}, {v.shape[-1]})")
@@ -636,7 +636,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     o = _alloc((B, H, L, DV), q.dtype, q.device) if out is None else out
     lse = _alloc((B, H, L), torch.float32, q.device)
     if o.numel() == 0:
@@ -686,7 +686,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     dq, dk, dv = (_alloc(t.shape, t.dtype, t.device) for t in (q, k, v))
     mask_grad = mask_grad and attn_mask is not None
     ds = _alloc((B, H, L, S) if mask_grad else (0,), torch.float32, q.device)
@@ -745,6 +745,11 @@ def _has_dropout(p: float, seed: torch.Tensor | None) -> bool:
 def _seed_arg(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """The SEED pointer: the (1,) int64 seed, or any tensor when there is no dropout (never read)."""
     return placeholder if seed is None else seed
+
+
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(D); for D = 0 every score is 0 whatever the scale (torch's result), so 1."""
+    return head_dim ** -0.5 if head_dim else 1.0
 
 
 def _keep_scale(p: float) -> float:

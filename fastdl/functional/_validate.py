@@ -32,6 +32,20 @@ def check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
+def check_param_dtypes(input: torch.Tensor, params: dict[str, torch.Tensor | None]) -> None:
+    """TypeError unless the given parameters share one dtype that is ``input``'s, or float32 for an
+    fp16/bf16 input (autocast's mix) -- the combinations torch's layer and batch norm accept."""
+    given = {name: t.dtype for name, t in params.items() if t is not None}
+    dtypes = set(given.values())
+    if not dtypes:
+        return
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if len(dtypes) > 1 or not (dtypes == {input.dtype} or (low and dtypes == {torch.float32})):
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
+        raise TypeError(f"input is {input.dtype} but {listed}: parameters must have the input's dtype "
+                        "(or all be float32 for a float16/bfloat16 input)")
+
+
 def as_shape(name: str, shape) -> tuple[int, ...]:
     """An int or a sequence of ints as a tuple, else TypeError naming ``name``."""
     if isinstance(shape, int):

@@ -23,9 +23,8 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
 from .. import backend
+from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device
 
@@ -69,6 +68,18 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> No
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must have the same length (dim -2), got {key.shape[-2]} "
                          f"and {value.shape[-2]}")
+
+
+def _check_broadcast(query, key, value, enable_gqa) -> None:
+    """ValueError unless the batch and head dims of query, key and value broadcast together (with
+    ``enable_gqa`` the heads are checked by :func:`_check_gqa` instead)."""
+    drop = 3 if enable_gqa and query.dim() >= 3 else 2
+    try:
+        torch.broadcast_shapes(query.shape[:-drop], key.shape[:-drop], value.shape[:-drop])
+        torch.broadcast_shapes(key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"the batch and head dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
+                         f"and value {tuple(value.shape)} do not broadcast together") from None
 
 
 def _check_gqa(query, key, value, enable_gqa) -> None:
@@ -118,6 +129,27 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.view(_shape_4d(t)) if t.dim() < 4 else t
 
 
+def _reference_attention(q, k, v, attn_mask, is_causal: bool, scale: float | None, keep):
+    """The kernel's attention in differentiable torch ops, for a recorded (double) backward:
+    (B, H, L, D) tensors, grouped key/value heads, fully masked rows 0, dropout ``keep`` (the
+    kernel's mask times 1 / (1 - p), (B, H, L, S), or None)."""
+    group = q.shape[1] // max(k.shape[1], 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    D = q.shape[-1]
+    s = q @ k.transpose(-1, -2) * (scale if scale is not None else (D ** -0.5 if D else 1.0))
+    L, S = s.shape[-2:]
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    empty = (s == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(torch.where(empty, 0.0, s), -1) * ~empty
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype)
+    return probs @ v
+
+
 class ScaledDotProductAttentionFunction(torch.autograd.Function):
     """o = softmax(q k^T * scale + mask) v on the kernel path, (B, H, L, D) tensors.
 
@@ -135,10 +167,15 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
         q, k, v, attn_mask, o, lse = ctx.saved_tensors
         is_causal, scale, dropout_p, seed = ctx.args
+        if recording_backward():
+            keep = dropout_scale_mask(q.shape[:3] + (k.shape[2],), dropout_p, seed, q.device)
+            grads = differentiable_grads(
+                lambda q, k, v, m: _reference_attention(q, k, v, m, is_causal, scale, keep),
+                (q, k, v, attn_mask), ctx.needs_input_grad[:4], do)
+            return (*grads, None, None, None, None)
         mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dmask = backend.kernels("attention").attention_bwd(
             do, q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
@@ -160,6 +197,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     of H_kv, query head h reads key/value head h // (H // H_kv). Fully masked rows return 0.
     """
     _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    _check_broadcast(query, key, value, enable_gqa)
     _check_gqa(query, key, value, enable_gqa)
     reason = _unsupported(query, key, value, attn_mask, enable_gqa, backend.resolve(query))
     if backend.select(_OP, query, unsupported=reason) == "torch":

@@ -23,9 +23,8 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
 from .. import backend
+from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, check_shape
 
@@ -102,23 +101,46 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
             x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
             p, eps, seed)
-        ctx.save_for_backward(pre, weight, mean, rstd)
+        pre = pre.view(x.shape)  # saved as the output itself, so a recorded backward reaches x
+        ctx.save_for_backward(pre, weight, bias, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
-        ctx.p, ctx.seed = p, seed
+        ctx.p, ctx.seed, ctx.eps = p, seed, eps
         ctx.shape, ctx.x_dtype = x.shape, x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.view(x.shape), pre.view(x.shape)
+        return out.view(x.shape), pre
 
     @staticmethod
-    @once_differentiable
+    def _recorded_backward(ctx, dout, dpre, pre, weight, bias):
+        """The backward in differentiable torch ops (double backward). ``pre`` is the saved output,
+        so second-order terms flow back into x and residual through this Function again."""
+        shape, n = pre.shape, pre.shape[-1]  # x's shape
+        need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+        ds = dpre
+        dw = db = None
+        if dout is not None:
+            pre_leaf = pre if pre.requires_grad else pre.detach().requires_grad_()
+            dpre_out, dw, db = differentiable_grads(
+                lambda s, w, b: F.layer_norm(s, (n,), w, b, ctx.eps), (pre_leaf, weight, bias),
+                (True, need_w, need_b), dout.reshape(shape))
+            ds = dpre_out if ds is None else ds + dpre_out
+        keep = dropout_scale_mask(shape, ctx.p, ctx.seed, pre.device)
+        dx = (ds if keep is None else ds * keep).to(ctx.x_dtype) if need_x else None
+        dres = ds.to(ctx.residual_dtype) if need_res else None
+        return dx, dres, dw, db, None, None, None
+
+    @staticmethod
     def backward(ctx, dout, dpre):
-        pre, weight, mean, rstd = ctx.saved_tensors
+        pre, weight, bias, mean, rstd = ctx.saved_tensors
+        if recording_backward():
+            return DropoutAddLayerNormFunction._recorded_backward(ctx, dout, dpre, pre, weight, bias)
         out_unused = dout is None  # only pre_norm_sum fed the loss: weight and bias get no gradient
         if out_unused:
             dout = torch.zeros_like(pre)
+        rows = (math.prod(pre.shape[:-1]), pre.shape[-1])
+        pre = pre.reshape(rows)
         dx, dres, dw, db = backend.kernels("layer_norm").dropout_add_layer_norm_bwd(
-            dout.reshape(pre.shape), None if dpre is None else dpre.reshape(pre.shape), pre, weight,
+            dout.reshape(rows), None if dpre is None else dpre.reshape(rows), pre, weight,
             mean, rstd, ctx.p, ctx.seed, ctx.x_dtype, ctx.residual_dtype, ctx.bias_dtype)
         if out_unused:
             dw = db = None

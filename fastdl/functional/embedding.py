@@ -26,7 +26,8 @@ Weight gradients on the kernel path are always computed deterministically (the d
 only path): the launcher sorts the indices and one program sums each run of equal indices in a
 fixed order (see ``fastdl.kernels.embedding``). A float-atomic scatter would change the result
 from run to run and cannot run in fp16 under Triton's interpreter; the sort costs little next to
-the rows moved. Double backward is not supported on the kernel path.
+the rows moved. Double backward works: a backward recorded with ``create_graph=True`` takes
+torch's differentiable ops (see ``_double_backward``).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
 from .. import backend
+from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, eager_index_check
 
@@ -59,7 +59,7 @@ def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table:
                         f"got {type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
-    if not values or indices.numel() == 0:
+    if not values or indices.numel() == 0 or indices.device.type == "meta":  # meta: no values
         return
     if not eager_index_check(indices.device):
         in_range = ((indices >= 0) & (indices < num_embeddings)).all()
@@ -107,11 +107,15 @@ class EmbeddingFunction(torch.autograd.Function):
         return out.view(*input.shape, weight.shape[1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout):
         (idx,) = ctx.saved_tensors
         num, dim = ctx.weight_shape
         dout = dout.reshape(-1, dim)
+        if recording_backward():  # torch's op, differentiable in dout (the weight enters linearly)
+            pad = -1 if ctx.padding_idx is None else ctx.padding_idx
+            dweight = torch.ops.aten.embedding_backward(dout, idx, num, pad, ctx.scale_grad_by_freq,
+                                                        ctx.sparse)
+            return None, dweight.to(ctx.weight_dtype), None, None, None
         if ctx.sparse:
             if ctx.scale_grad_by_freq:
                 raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
@@ -130,7 +134,7 @@ class EmbeddingFunction(torch.autograd.Function):
 class BertEmbeddingsFunction(torch.autograd.Function):
     """The fused BERT embedding block on the kernel path.
 
-    Saved: the three flat index vectors, the tables and LayerNorm weight (references, not copies),
+    Saved: the three flat index vectors, the tables and LayerNorm weight and bias (references, not copies),
     per-token mean and rstd, and the dropout seed; the sum and the mask are recomputed.
     """
 
@@ -140,16 +144,28 @@ class BertEmbeddingsFunction(torch.autograd.Function):
         ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
         out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
             *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
-        ctx.save_for_backward(*ids, word, position, token_type, ln_weight, mean, rstd)
-        ctx.p, ctx.seed, ctx.padding_idx = p, seed, padding_idx
+        ctx.save_for_backward(*ids, word, position, token_type, ln_weight, ln_bias, mean, rstd)
+        ctx.p, ctx.seed, ctx.padding_idx, ctx.eps = p, seed, padding_idx, eps
         ctx.ln_bias_dtype = None if ln_bias is None else ln_bias.dtype
         return out.view(*input_ids.shape, word.shape[1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout):
-        word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, mean, rstd = ctx.saved_tensors
+        word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, ln_bias, mean, rstd = (
+            ctx.saved_tensors)
         needs = ctx.needs_input_grad
+        if recording_backward():
+            keep = dropout_scale_mask((word_ids.numel(), word.shape[1]), ctx.p, ctx.seed, word.device)
+
+            def reference(word, position, token_type, ln_weight, ln_bias):
+                s = (F.embedding(word_ids, word, ctx.padding_idx) + F.embedding(pos_ids, position)
+                     + F.embedding(type_ids, token_type))
+                y = F.layer_norm(s, (word.shape[1],), ln_weight, ln_bias, ctx.eps)
+                return y if keep is None else y * keep
+
+            grads = differentiable_grads(reference, (word, position, token_type, ln_weight, ln_bias),
+                                         needs[3:8], dout.reshape(-1, word.shape[1]))
+            return (None, None, None, *grads, None, None, None, None)
         d_word, d_pos, d_type, d_ln_w, d_ln_b = backend.kernels("embedding").bert_embeddings_bwd(
             dout.reshape(-1, word.shape[1]), word_ids, pos_ids, type_ids, word, position, token_type,
             ln_weight, mean, rstd, ctx.p, ctx.seed, ctx.padding_idx, (needs[3], needs[4], needs[5]),

@@ -4,8 +4,9 @@ signatures).
 Each public function checks its arguments, asks :mod:`fastdl.backend` which path runs, and either
 calls PyTorch (``torch`` backend) or an autograd Function around the launchers in
 ``fastdl.kernels.layer_norm`` / ``fastdl.kernels.batch_norm`` (``triton`` / ``interpret``). The
-Functions save the input, the weight and the per-row (per-channel for batch norm) statistics;
-double backward is not supported on the kernel path.
+Functions save the input, the weight and the per-row (per-channel for batch norm) statistics.
+Double backward works on every path: a backward recorded with ``create_graph=True`` takes its
+gradients from torch's differentiable ops (see ``_double_backward``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
 from .. import backend
-from ._validate import as_shape, check_floating, check_same_device, check_shape
+from ._double_backward import differentiable_grads, recording_backward
+from ._validate import as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
 
 
 def _check_norm_args(input, normalized_shape, weight, bias) -> tuple[int, ...]:
@@ -26,12 +26,20 @@ def _check_norm_args(input, normalized_shape, weight, bias) -> tuple[int, ...]:
     check_floating("bias", bias)
     check_same_device("input", {"input": input, "weight": weight, "bias": bias})
     shape = as_shape("normalized_shape", normalized_shape)
+    if not shape:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise ValueError(f"normalized_shape={list(shape)} must match the trailing dimensions of "
                          f"input, whose shape is {list(input.shape)}")
     check_shape("weight", weight, shape)
     check_shape("bias", bias, shape)
     return shape
+
+
+def _rows(input: torch.Tensor, n_dims: int) -> torch.Tensor:
+    """``input`` as (M, N) rows over its last ``n_dims`` dims; not reshape(-1, N), as N may be 0."""
+    lead = input.dim() - n_dims
+    return input.reshape(math.prod(input.shape[:lead]), math.prod(input.shape[lead:]))
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,41 +54,49 @@ class LayerNormFunction(torch.autograd.Function):
     """y = LayerNorm(x) on the kernel path; x is viewed as (M, N), N = prod(normalized_shape)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, n: int, eps: float):
-        x = input.reshape(-1, n)
+    def forward(ctx, input, weight, bias, n_dims: int, eps: float):
+        x = _rows(input, n_dims)
         y, mean, rstd = backend.kernels("layer_norm").layer_norm_fwd(x, _flat(weight), _flat(bias), eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.input_shape = input.shape
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.n_dims, ctx.eps = n_dims, eps
         return y.view(input.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        input, weight, bias, mean, rstd = ctx.saved_tensors
+        if recording_backward():
+            shape = input.shape[input.dim() - ctx.n_dims:]
+            grads = differentiable_grads(lambda x, w, b: F.layer_norm(x, shape, w, b, ctx.eps),
+                                         (input, weight, bias), ctx.needs_input_grad[:3], dy)
+            return (*grads, None, None)
+        x = _rows(input, ctx.n_dims)
         dx, dw, db = backend.kernels("layer_norm").layer_norm_bwd(
-            dy.reshape(x.shape), x, _flat(weight), mean, rstd, ctx.bias_shape is not None)
-        db = None if db is None else db.view(ctx.bias_shape)
-        return dx.view(ctx.input_shape), _unflat(dw, weight), db, None, None
+            dy.reshape(x.shape), x, _flat(weight), mean, rstd, bias is not None)
+        return dx.view(input.shape), _unflat(dw, weight), _unflat(db, bias), None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
     """y = RMSNorm(x) on the kernel path; x is viewed as (M, N), N = prod(normalized_shape)."""
 
     @staticmethod
-    def forward(ctx, input, weight, n: int, eps: float):
-        x = input.reshape(-1, n)
+    def forward(ctx, input, weight, n_dims: int, eps: float):
+        x = _rows(input, n_dims)
         y, rstd = backend.kernels("layer_norm").rms_norm_fwd(x, _flat(weight), eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.input_shape = input.shape
+        ctx.save_for_backward(input, weight, rstd)
+        ctx.n_dims, ctx.eps = n_dims, eps
         return y.view(input.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
+        input, weight, rstd = ctx.saved_tensors
+        if recording_backward():
+            shape = input.shape[input.dim() - ctx.n_dims:]
+            grads = differentiable_grads(lambda x, w: F.rms_norm(x, shape, w, ctx.eps),
+                                         (input, weight), ctx.needs_input_grad[:2], dy)
+            return (*grads, None, None)
+        x = _rows(input, ctx.n_dims)
         dx, dw = backend.kernels("layer_norm").rms_norm_bwd(dy.reshape(x.shape), x, _flat(weight), rstd)
-        return dx.view(ctx.input_shape), _unflat(dw, weight), None, None
+        return dx.view(input.shape), _unflat(dw, weight), None, None
 
 
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -89,21 +105,23 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     ``torch.nn.functional.layer_norm``. fp16/bf16/fp32/fp64; statistics in float32 (fp64 for fp64).
     """
     shape = _check_norm_args(input, normalized_shape, weight, bias)
+    check_param_dtypes(input, {"weight": weight, "bias": bias})
     if backend.select("layer_norm", input) == "torch":
         return F.layer_norm(input, shape, weight, bias, eps)
-    return LayerNormFunction.apply(input, weight, bias, math.prod(shape), float(eps))
+    return LayerNormFunction.apply(input, weight, bias, len(shape), float(eps))
 
 
 def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
              eps: float | None = None) -> torch.Tensor:
-    """Root-mean-square normalisation, as ``torch.nn.functional.rms_norm``; ``eps=None`` means
-    ``torch.finfo(input.dtype).eps``."""
+    """Root-mean-square normalisation, as ``torch.nn.functional.rms_norm``. ``eps=None`` means what
+    torch's implementation uses (not what its docstring says): the epsilon of the computation
+    dtype, ``torch.finfo(torch.float32).eps`` for fp16/bf16/fp32 and float64's for float64."""
     shape = _check_norm_args(input, normalized_shape, weight, None)
     if backend.select("rms_norm", input) == "torch":
         return F.rms_norm(input, shape, weight, eps)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    return RMSNormFunction.apply(input, weight, math.prod(shape), float(eps))
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    return RMSNormFunction.apply(input, weight, len(shape), float(eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,15 +141,31 @@ class BatchNormFunction(torch.autograd.Function):
                 eps: float):
         y, mean, rstd = backend.kernels("batch_norm").batch_norm_fwd(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
-        ctx.save_for_backward(input, weight, mean, rstd)
-        ctx.training = training
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
-    @once_differentiable
+    def _reference(ctx, mean, rstd):
+        """The forward in torch ops: batch statistics in training, the saved running ones in eval."""
+        if ctx.training:
+            return lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+
+        def eval_norm(x, w, b):
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = (x - mean.view(shape)) * rstd.view(shape)
+            y = y if w is None else y * w.view(shape)
+            return (y if b is None else y + b.view(shape)).to(x.dtype)
+        return eval_norm
+
+    @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if recording_backward():
+            grads = differentiable_grads(BatchNormFunction._reference(ctx, mean, rstd), (x, weight, bias),
+                                         ctx.needs_input_grad[:3], dy)
+            return (*grads, None, None, None, None, None)
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx, dw, db = backend.kernels("batch_norm").batch_norm_bwd(
             dy, x, weight, mean, rstd, ctx.training, need_w or need_b)
@@ -185,6 +219,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     input's dtype and memory format (channels_last stays channels_last).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_param_dtypes(input, {"running_mean": running_mean, "running_var": running_var,
+                               "weight": weight, "bias": bias})
     unsupported = None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
     if backend.select("batch_norm", input, unsupported=unsupported) == "torch":
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

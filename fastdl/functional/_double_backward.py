@@ -1,0 +1,53 @@
+"""Backward passes that autograd can differentiate again (double backward).
+
+The kernels compute first derivatives only. When autograd records a backward pass itself
+(``create_graph=True``: Hessian-vector products, gradient penalties, ``gradgradcheck``), grad mode
+is on inside ``backward``; the kernel-path Functions then take their gradients from
+:func:`differentiable_grads` -- the same op written in differentiable torch ops, recomputed from
+the saved inputs -- so second derivatives are exact instead of silently zero. A plain
+``backward()`` never comes here: it runs with grad mode off and takes the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def recording_backward() -> bool:
+    """True inside a backward whose own graph autograd is recording (``create_graph=True``)."""
+    return torch.is_grad_enabled()
+
+
+def differentiable_grads(reference: Callable, inputs: Sequence[torch.Tensor | None],
+                         needs: Sequence[bool], grads) -> list[torch.Tensor | None]:
+    """Gradients of ``reference(*inputs)`` under the output gradients ``grads`` (a tensor or a
+    tuple; None entries are skipped), for the inputs whose ``needs`` flag is set (None for the
+    others), as differentiable functions of the inputs and of ``grads``.
+
+    ``inputs`` are the tensors the forward received (as saved for the backward), so the result
+    stays connected to the graph that produced them.
+    """
+    grads = (grads,) if isinstance(grads, torch.Tensor) or grads is None else tuple(grads)
+    wrt = [x for x, need in zip(inputs, needs) if need]
+    if not wrt:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        outs = reference(*inputs)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                       create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
+
+
+def dropout_scale_mask(shape, p: float, seed: int, device) -> torch.Tensor | None:
+    """The dropout kernels' keep-mask for ``(p, seed)`` over a contiguous tensor of ``shape`` (the
+    counter is the flat index), times 1 / (1 - p): 0 where dropped. None without dropout."""
+    if p == 0.0:
+        return None
+    from .. import backend
+
+    keep = backend.kernels("dropout").keep_mask(shape, p, seed, device)
+    return keep * (1.0 / (1.0 - p)) if p < 1.0 else torch.zeros(shape, device=device)
