@@ -91,7 +91,7 @@ def _check_add_norm_args(x, residual, weight, bias) -> None:
 class DropoutAddLayerNormFunction(torch.autograd.Function):
     """(LayerNorm(residual + dropout(x)), residual + dropout(x)) on the kernel path.
 
-    Saved: pre_norm_sum (an output, so no extra memory while the caller holds it), the weight and
+    Saved: pre_norm_sum (an output, so no extra memory while the caller holds it), the weight, bias and
     the per-row mean and rstd; the dropout mask is regenerated from the seed.
     """
 
