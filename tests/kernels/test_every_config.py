@@ -188,12 +188,14 @@ def test_dropout_blocks(kernels, constants):
     ``keep_mask`` draws for the seed, element by element, whatever the block size."""
     dropout = kernels("dropout")
     x = torch.randn(5, 2049)
-    y = dropout.dropout_fwd(x, 0.3, 123)
-    keep = dropout.keep_mask(x.shape, 0.3, 123, "cpu")
+    seed = torch.tensor([123])
+    y = dropout.dropout_fwd(x, 0.3, seed)
+    # Plain dropout counts elements in flat order: its mask is the (numel,) mask.
+    keep = dropout.keep_mask((x.numel(),), 0.3, seed, "cpu").view(x.shape)
     assert 0.6 < keep.double().mean() < 0.8
     assert_close("dropout", y.double(), torch.where(keep, x.double() / 0.7, 0.0), rtol=1e-6)
     # Element i's decision depends on (seed, i) only: a shorter call draws the same first bits.
-    assert torch.equal(keep.flatten()[:1000], dropout.keep_mask((1000,), 0.3, 123, "cpu"))
+    assert torch.equal(keep.flatten()[:1000], dropout.keep_mask((1000,), 0.3, seed, "cpu"))
 
 
 def test_embedding_long_runs(kernels, constants):
