@@ -72,11 +72,13 @@ def layer_norm_launches():
                     ln.layer_norm_bwd(x, x, weight, mean, rstd, bias is not None)
                     y, rstd = ln.rms_norm_fwd(x, weight, 1e-5)
                     ln.rms_norm_bwd(x, x, weight, rstd)
-                for residual, weight, bias in ((x, w, b), (None, None, None)):
-                    out, pre, mean, rstd = ln.dropout_add_layer_norm_fwd(x, residual, weight, bias, 0.1,
-                                                                         1e-5, _SEED)
+                # p = 0 launches the kernels with DROPOUT=False (no random numbers at all).
+                for (residual, weight, bias), (p, seed) in zip(((x, w, b), (None, None, None)),
+                                                               ((0.1, _SEED), (0.0, None))):
+                    out, pre, mean, rstd = ln.dropout_add_layer_norm_fwd(x, residual, weight, bias, p,
+                                                                         1e-5, seed)
                     for dpre in (x, None):
-                        ln.dropout_add_layer_norm_bwd(x, dpre, pre, weight, mean, rstd, 0.1, _SEED, dtype,
+                        ln.dropout_add_layer_norm_bwd(x, dpre, pre, weight, mean, rstd, p, seed, dtype,
                                                       None if residual is None else dtype,
                                                       None if bias is None else dtype)
 
