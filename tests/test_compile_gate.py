@@ -55,7 +55,8 @@ def test_compile_gate(tmp_path):
     print(out.stdout[-20000:])
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     summary = json.loads(report.read_text())["summary"]
-    assert summary["compile_errors"] == 0 and summary["kernels"] >= 20, summary
+    # Every kernel file: all 20-odd kernels; a subset of files (FASTDL_COMPILE_FAMILIES): some.
+    assert summary["compile_errors"] == 0 and summary["kernels"] >= (1 if families else 20), summary
 
 
 def test_per_call_integers_do_not_recompile():
