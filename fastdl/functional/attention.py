@@ -93,12 +93,9 @@ def _check_gqa(query, key, value, enable_gqa) -> None:
 
 def _unsupported(query, key, value, attn_mask, enable_gqa, name: str) -> str | None:
     """Why the fused kernel cannot take this call (None when it can)."""
-    if query.dtype not in _KERNEL_DTYPES:
-        return f"the kernel computes in fp16, bf16 or fp32, not {query.dtype}"
-    if query.dtype == torch.bfloat16 and name == "interpret":
-        return "Triton's interpreter cannot compute bf16 dot products"
-    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM} are not supported (got {query.shape[-1]}, {value.shape[-1]})"
+    reason = _varlen_unsupported(query, value, name)  # dtype and head-dim limits, shared
+    if reason is not None:
+        return reason
     if not query.dim() == key.dim() == value.dim() or query.dim() > 4:
         return "the kernel takes 2-, 3- or 4-dim query, key and value of the same rank"
     if query.dim() >= 3:
