@@ -58,12 +58,13 @@ it over the mask's broadcast dimensions.
 
 Varlen mode (``VARLEN``, :func:`varlen_attention_fwd` / :func:`varlen_attention_bwd`): sequences
 packed without padding, q (Tq, H, D) and k, v (Tk, H_kv, D), viewed as one (1, H, T, D) batch
-entry; program axis 2 indexes the sequence, whose query rows [cu_q[b], cu_q[b + 1]) and keys
-[cu_k[b], cu_k[b + 1]) each program loads first (``_sequence_bounds``) and works within, in the
-packed tensors' row numbers, so the same tile code, statistics layout (H, Tq) and dropout counters
-(unique over the packed rows) serve both modes. The grid covers the longest sequence; programs
-past their sequence's end return at once. Causal is bottom-right aligned there, as flash-attn's
-varlen functions: row i of a sequence with L queries and S keys sees keys j <= i + S - L.
+entry; a program's batch index b (``_tile_head_batch``) is the sequence, whose query rows
+[cu_q[b], cu_q[b + 1]) and keys [cu_k[b], cu_k[b + 1]) each program loads first
+(``_sequence_bounds``) and works within, in the packed tensors' row numbers, so the same tile
+code, statistics layout (H, Tq) and dropout counters (unique over the packed rows) serve both
+modes. The grid covers the longest sequence; programs past their sequence's end return at once.
+Causal is bottom-right aligned there, as flash-attn's varlen functions: row i of a sequence with L
+queries and S keys sees keys j <= i + S - L.
 
 Block sizes, warps and pipeline stages come from ``kernels.utils.autotune`` over a short list per
 (head-dim class, dtype size, kernel) keyed by the head-dim block, causality and sequence-length
@@ -80,7 +81,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import PER_CALL_ARGS, autotune, dropout_counters, dropout_keep, dropout_threshold
+from .utils import (PER_CALL_ARGS, autotune, check_grid, dropout_counters, dropout_keep, dropout_threshold,
+                    grid_2d)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -207,8 +209,18 @@ def _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
+def _tile_head_batch(rows, BLOCK: tl.constexpr, H):
+    """(tile, head, batch entry) of this program. The launch grid is one axis of
+    cdiv(rows, BLOCK) * H * batch programs, tiles fastest (the programs of one head run side by
+    side, as on a (tiles, H, batch) grid): CUDA caps grid axes 1 and 2 at 65,535 programs, which
+    a batch of short sequences (or a varlen call's sequence count) can pass."""
+    tile, bh = grid_2d(tl.cdiv(rows, BLOCK))
+    return tile, bh % H, bh // H
+
+
+@triton.jit
 def _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN: tl.constexpr):
-    """(q_lo, q_hi, k_lo, k_hi, causal shift) of the rows and keys program axis 2 works on: in
+    """(q_lo, q_hi, k_lo, k_hi, causal shift) of the rows and keys of batch index b: in
     varlen mode, sequence b of the packed tokens, [cu_q[b], cu_q[b + 1]) and [cu_k[b], cu_k[b + 1]),
     causal bottom-right aligned (shift = k_hi - q_hi, as flash-attn's varlen functions); else the
     whole [0, L) and [0, S) of batch entry b, causal top-left aligned (shift 0)."""
@@ -269,7 +281,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_h
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_ROWS"])
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, MASK,  # Q (B,H,L,D), K (B,Hkv,S,D), V (B,Hkv,S,Dv), OUT (B,H,L,Dv), LSE (B,H,L)
     CU_Q, CU_K,  # varlen: (sequences + 1,) offsets into the packed L query and S key rows
@@ -277,13 +289,12 @@ def _attn_fwd_kernel(
     smb, smh, sml, sms,  # mask strides broadcast to (B, H, L, S); 0 on broadcast dims
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, threshold, keep_scale, SEED,  # SEED: (1,) int64
     L_BUCKET, S_BUCKET,  # autotuning key only
+    GRID_ROWS,  # query rows the grid tiles per (batch, head): L, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
@@ -337,9 +348,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L, HEAD_DIM_V,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """DELTA[b, h, i] = sum_d dO[b, h, i, d] * OUT[b, h, i, d], float32. DELTA: (B, H, L)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m, h, b = _tile_head_batch(L, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -409,7 +418,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, n0, rows_n, co
     return dk, dv
 
 
-@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_KEYS"])
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
     CU_Q, CU_K,
@@ -417,15 +426,14 @@ def _attn_bwd_kv_kernel(
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms, sdsb, sdsh, sdsl,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
+    GRID_KEYS,  # keys the grid tiles per (batch, kv head): S, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
     (in a fixed order, in registers: deterministic, no atomics)."""
-    pid_n = tl.program_id(0)
-    h_kv = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_n, h_kv, b = _tile_head_batch(GRID_KEYS, BLOCK_N, H // GROUP)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     n0 = k_lo + pid_n * BLOCK_N
     if VARLEN:
@@ -508,7 +516,7 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_
     return dq
 
 
-@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S"])
+@triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_ROWS"])
 def _attn_bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DQ,  # DQ like Q
     CU_Q, CU_K,
@@ -516,14 +524,13 @@ def _attn_bwd_q_kernel(
     smb, smh, sml, sms,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
+    GRID_ROWS,  # query rows the grid tiles per (batch, head): L, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dQ for BLOCK_M query rows of one (batch, head): each element written once, no atomics."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
@@ -581,6 +588,12 @@ def _tuned_kernel(kind: str, kernel, table, block_d: int, dtype: torch.dtype):
     if key not in _tuned:
         _tuned[key] = autotune(_triton_configs(table[key[1:]]), key=_TUNE_KEY)(kernel)
     return _tuned[key]
+
+
+def _grid(rows: int, block: str, heads: int, batch: int):
+    """The launch grid of a kernel that tiles ``rows`` by the config's ``block`` for each (batch
+    entry, head): one axis, see ``_tile_head_batch``."""
+    return lambda meta: check_grid((triton.cdiv(rows, meta[block]) * heads * batch,), "attention")
 
 
 def _block_d(d: int) -> int:
@@ -655,12 +668,11 @@ def _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, v
     cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
     BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
     kernel = _tuned_kernel("fwd", _attn_fwd_kernel, _FWD_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), H, batch)
-    kernel[grid](
+    kernel[_grid(rows, "BLOCK_M", H, batch)](
         q, k, v, o, lse, mask, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
         H, H // H_kv, L, S, D, DV, scale * 1.4426950408889634, dropout_threshold(dropout_p),
-        _keep_scale(dropout_p), _seed_arg(seed, lse), _seq_bucket(rows), _seq_bucket(keys),
+        _keep_scale(dropout_p), _seed_arg(seed, lse), _seq_bucket(rows), _seq_bucket(keys), rows,
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_DROPOUT=_has_dropout(dropout_p, seed),
         PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VARLEN=varlen is not None,
     )
@@ -718,22 +730,22 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
 
     delta = _alloc((B, H, L), torch.float32, q.device)
     DELTA_BLOCK_M = 16 if BLOCK_DV >= 256 else 32
-    _attn_bwd_delta_kernel[(triton.cdiv(L, DELTA_BLOCK_M), H, B)](
+    _attn_bwd_delta_kernel[check_grid((triton.cdiv(L, DELTA_BLOCK_M) * H * B,), "attention")](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, DV,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
 
     kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    kv_kernel[lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), H_kv, batch)](
+    kv_kernel[_grid(keys, "BLOCK_N", H_kv, batch)](
         q, k, v, do, lse, delta, mask, dk, dv, ds if mask_grad else dk, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-        *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, MASK_GRAD=mask_grad, **common)
+        *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, keys, MASK_GRAD=mask_grad, **common)
 
     q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
-    q_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), H, batch)](
+    q_kernel[_grid(rows, "BLOCK_M", H, batch)](
         q, k, v, do, lse, delta, mask, dq, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        *mask_strides, *scalars, **common)
+        *mask_strides, *scalars, rows, **common)
 
 
 def _has_dropout(p: float, seed: torch.Tensor | None) -> bool:

@@ -33,7 +33,8 @@ Backward. With xhat = (x - mean) * rstd::
     eval:      dx = w * rstd * dy
 
 The two sums are per-program partial rows (G, C) added by ``sum_partials`` in a fixed order,
-then a second elementwise launch writes dx.
+then a second elementwise launch writes dx. Every 2-D grid here is launched folded into axis 0
+(``utils.grid_2d``): more than 65,535 channel blocks would not fit on a CUDA grid's axis 1.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import PER_CALL_ARGS, acc_dtype, num_programs, num_warps_for, sum_partials
+from .utils import PER_CALL_ARGS, acc_dtype, check_grid, grid_2d, num_programs, num_warps_for, sum_partials
 
 # Elements in one [BLOCK_C, BLOCK_R] tile. Channels are the first tile dim and r the last: with r
 # offsets built by div/mod Triton cannot prove their contiguity and keeps its default (last dim
@@ -69,8 +70,8 @@ def _bn_stats_kernel(
     C, S, R, rows_per_program, stride_n, stride_c, stride_s,
     IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r, pid_c = grid_2d(tl.cdiv(R, rows_per_program))
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     pivot = tl.load(X + cols.to(tl.int64) * stride_c, mask=col_mask, other=0.0).to(ACC)
     row0 = pid_r.to(IDX) * rows_per_program
@@ -153,8 +154,9 @@ def _bn_apply_kernel(
     SHIFTED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r, pid_c = grid_2d(tl.cdiv(R, BLOCK_R))
+    rows = pid_r.to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = col_mask[:, None] & (rows < R)[None, :]
     mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
@@ -179,8 +181,8 @@ def _bn_bwd_reduce_kernel(
     SHIFTED: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r, pid_c = grid_2d(tl.cdiv(R, rows_per_program))
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
     if SHIFTED:
@@ -214,8 +216,9 @@ def _bn_bwd_dx_kernel(
     TRAINING: tl.constexpr, HAS_W: tl.constexpr,
     IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r, pid_c = grid_2d(tl.cdiv(R, BLOCK_R))
+    rows = pid_r.to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = col_mask[:, None] & (rows < R)[None, :]
     rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
@@ -320,7 +323,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
         G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
         part_mean = torch.empty((G, C), dtype=stats, device=x.device)
         part_m2 = torch.empty((G, C), dtype=stats, device=x.device)
-        _bn_stats_kernel[(G, c_blocks)](
+        _bn_stats_kernel[check_grid((G * c_blocks,), "batch_norm")](
             x3, part_mean, part_m2, C, S, R, rows_per_program, *x3.stride(),
             IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
             num_warps=num_warps_for(BLOCK_R * BLOCK_C))
@@ -329,7 +332,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
         rm = running_mean.contiguous() if update else mean
         rv = running_var.contiguous() if update else rstd
         FIN_C = 128
-        _bn_finalize_kernel[(triton.cdiv(C, FIN_C),)](
+        _bn_finalize_kernel[check_grid((triton.cdiv(C, FIN_C),), "batch_norm")](
             x3, part_mean, part_m2, mean, rstd, rm, rv,
             C, R, G, rows_per_program, R - (G - 1) * rows_per_program, x3.stride(1),
             float(momentum), float(eps), UPDATE_RUNNING=update, ACC=ACC, BLOCK_C=FIN_C)
@@ -339,10 +342,10 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
             running_var.copy_(rv)
     else:
         FIN_C = 128
-        _bn_running_stats_kernel[(triton.cdiv(C, FIN_C),)](
+        _bn_running_stats_kernel[check_grid((triton.cdiv(C, FIN_C),), "batch_norm")](
             running_mean.contiguous(), running_var.contiguous(), mean, rstd, C, float(eps),
             ACC=ACC, BLOCK_C=FIN_C)
-    _bn_apply_kernel[(triton.cdiv(R, BLOCK_R), c_blocks)](
+    _bn_apply_kernel[check_grid((triton.cdiv(R, BLOCK_R) * c_blocks,), "batch_norm")](
         x3, y3, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         C, S, R, *x3.stride(), *y3.stride(),
         SHIFTED=training, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -380,13 +383,13 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training: bool, need_param_grads: 
         G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
         part_dy = torch.empty((G, C), dtype=mean.dtype, device=x.device)
         part_dyxhat = torch.empty((G, C), dtype=mean.dtype, device=x.device)
-        _bn_bwd_reduce_kernel[(G, c_blocks)](
+        _bn_bwd_reduce_kernel[check_grid((G * c_blocks,), "batch_norm")](
             x3, dy3, mean, rstd, part_dy, part_dyxhat, C, S, R, rows_per_program,
             *x3.stride(), *dy3.stride(),
             SHIFTED=training, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
         sum_dy = sum_partials(part_dy, mean.dtype)
         sum_dyxhat = sum_partials(part_dyxhat, mean.dtype)
-    _bn_bwd_dx_kernel[(triton.cdiv(R, BLOCK_R), c_blocks)](
+    _bn_bwd_dx_kernel[check_grid((triton.cdiv(R, BLOCK_R) * c_blocks,), "batch_norm")](
         x3, dy3, dx3, mean, rstd, weight if weight is not None else mean, sum_dy, sum_dyxhat,
         C, S, R, *x3.stride(), *dy3.stride(), *dx3.stride(),
         TRAINING=training, HAS_W=weight is not None,

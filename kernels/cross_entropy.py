@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, acc_dtype
+from .utils import INTERPRET, acc_dtype, check_grid
 
 # Vocab tile per step. The interpreter gets smaller tiles so that tests with vocabularies of a
 # few hundred words cross several tiles and their ragged ends.
@@ -133,7 +133,7 @@ def cross_entropy_chunk(logits: torch.Tensor, target: torch.Tensor, ignore_index
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     smoothing_t = torch.full((1,), smoothing, dtype=acc, device=logits.device)  # a fill, no host copy
     block_v = max(16, min(triton.next_power_of_2(V), MAX_BLOCK_V))
-    _cross_entropy_kernel[(N,)](
+    _cross_entropy_kernel[check_grid((N,), "cross_entropy")](
         logits, target, loss, scale_arg, smoothing_t, logits.stride(0), target.stride(0), sg, V,
         int(ignore_index), SOFT=soft, COMPUTE_GRAD=grad_scale is not None,
         ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, dropout_counters, dropout_keep, dropout_threshold,
-                    ensure_contiguous)
+from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, check_grid, dropout_counters, dropout_keep,
+                    dropout_threshold, ensure_contiguous)
 
 # Elements per program. The interpreter runs programs one after another, each with a fixed
 # overhead, so it gets fewer, larger blocks.
@@ -76,8 +76,9 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor,
         return y
     # BLOCK is a multiple of 4, so block b's counters are those of row b of a (blocks, BLOCK)
     # matrix: element i = b * BLOCK + c gets counter i // 4, lane i % 4.
-    _dropout_kernel[(triton.cdiv(numel, BLOCK),)](x, y, seed, numel, dropout_threshold(p), keep_scale(p),
-                                                 ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=4)
+    _dropout_kernel[check_grid((triton.cdiv(numel, BLOCK),), "dropout")](
+        x, y, seed, numel, dropout_threshold(p), keep_scale(p), ACC=acc_dtype(x.dtype), BLOCK=BLOCK,
+        num_warps=4)
     return y
 
 
@@ -98,6 +99,6 @@ def keep_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor:
     if numel:
         N = keep.shape[-1] if keep.dim() else 1
         block = max(16, min(1024, triton.next_power_of_2(N)))
-        _keep_mask_kernel[(numel // N, triton.cdiv(N, block))](keep, seed, N, dropout_threshold(p),
-                                                              BLOCK=block)
+        _keep_mask_kernel[check_grid((numel // N, triton.cdiv(N, block)), "dropout")](
+            keep, seed, N, dropout_threshold(p), BLOCK=block)
     return keep.bool()

@@ -49,8 +49,9 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, dropout_counters, dropout_keep,
-                    dropout_threshold, ensure_contiguous, num_programs, num_warps_for, sum_partials)
+from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, check_grid, dropout_counters,
+                    dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
+                    sum_partials)
 
 # Elements one gather program moves. The interpreter runs programs one after another, each with a
 # fixed overhead, so it gets fewer, larger tiles.
@@ -89,7 +90,7 @@ def embedding_fwd(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return out
     BLOCK_N = min(block_size(N), 1024)
     BLOCK_M = min(max(1, GATHER_TILE // BLOCK_N), triton.next_power_of_2(M))
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    grid = check_grid((triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)), "embedding")
     _gather_kernel[grid](idx, weight, out, M, N, V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                          num_warps=num_warps_for(BLOCK_M * BLOCK_N))
     return out
@@ -184,7 +185,7 @@ def _segment_sum_into(out: torch.Tensor, src: torch.Tensor, keys: torch.Tensor, 
     long_pieces = 2 * K // R + 1 if K > R else 0
     partial = torch.empty((long_pieces, N), dtype=torch.float64 if acc == tl.float64 else torch.float32,
                           device=src.device)
-    _segment_sum_kernel[(K, triton.cdiv(N, BLOCK_N))](
+    _segment_sum_kernel[check_grid((K, triton.cdiv(N, BLOCK_N)), "embedding")](
         src, src_rows, pos, torch.minimum(pos + R, run_end),
         torch.where(piece_head & ~long_run, table_dest, -1),
         torch.where(piece_head & long_run, part_index, -1), count, out, partial,
@@ -200,7 +201,7 @@ def _segment_sum_into(out: torch.Tensor, src: torch.Tensor, keys: torch.Tensor, 
     dest.scatter_(0, slot, table_dest)
     counts.scatter_(0, slot, count)
     hi = lo + (counts + R - 1) // R
-    _segment_sum_kernel[(slots, triton.cdiv(N, BLOCK_N))](
+    _segment_sum_kernel[check_grid((slots, triton.cdiv(N, BLOCK_N)), "embedding")](
         partial, partial, lo, hi, dest, none, counts, out, partial, INDIRECT=False, **common)
 
 
@@ -341,7 +342,7 @@ def bert_embeddings_fwd(word_ids, pos_ids, type_ids, word, position, token_type,
     if M == 0 or N == 0:
         return out, mean, rstd
     BLOCK_N = block_size(N)
-    _bert_embeddings_fwd_kernel[(M,)](
+    _bert_embeddings_fwd_kernel[check_grid((M,), "bert_embeddings")](
         word_ids, pos_ids, type_ids, word, position, token_type,
         ln_weight if ln_weight is not None else word, ln_bias if ln_bias is not None else word,
         out, mean, rstd, seed if seed is not None else mean, N, *_table_rows(word, position, token_type),
@@ -375,7 +376,7 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
     db_part = torch.zeros((programs, N) if has_b else (0,), dtype=mean.dtype, device=device)
     if M > 0 and N > 0:
         BLOCK_N = block_size(N)
-        _bert_embeddings_bwd_kernel[(programs,)](
+        _bert_embeddings_bwd_kernel[check_grid((programs,), "bert_embeddings")](
             word_ids, pos_ids, type_ids, word, position, token_type,
             ln_weight if has_w else word, mean, rstd, dout, ds, dw_part, db_part,
             seed if seed is not None else mean, M, N, *_table_rows(word, position, token_type),

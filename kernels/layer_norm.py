@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
-from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, dropout_counters,
+from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, check_grid, dropout_counters,
                     dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
                     sum_partials)
 
@@ -228,7 +228,7 @@ def _norm_fwd(x, weight, bias, eps: float, is_rms: bool):
     if M == 0 or N == 0:
         return y, (None if is_rms else mean), rstd
     BLOCK_N = _row_block(N)
-    _norm_fwd_kernel[(M,)](
+    _norm_fwd_kernel[check_grid((M,), "norm")](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         x.stride(0), y.stride(0), N, eps,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -251,7 +251,7 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=x.device)
     if M > 0 and N > 0:
         BLOCK_N = _row_block(N, BWD_MAX_FUSED)
-        _norm_bwd_kernel[(programs,)](
+        _norm_bwd_kernel[check_grid((programs,), "norm")](
             x, weight if has_w else x, dy, dx, mean if mean is not None else rstd, rstd,
             dw_part, db_part, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
             IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias,
@@ -500,7 +500,7 @@ def dropout_add_layer_norm_fwd(x, residual, weight, bias, p: float, eps: float, 
     if M == 0 or N == 0:
         return out, pre, mean, rstd
     BLOCK_N = _row_block(N)
-    _dropout_add_norm_fwd_kernel[(M,)](
+    _dropout_add_norm_fwd_kernel[check_grid((M,), "dropout_add_norm")](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, out, pre, mean, rstd,
         seed if seed is not None else mean, N, eps, dropout_threshold(p), keep_scale(p),
@@ -537,7 +537,7 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
     if M > 0 and N > 0:
         BLOCK_N = _row_block(N, BWD_MAX_FUSED)
-        _dropout_add_norm_bwd_kernel[(programs,)](
+        _dropout_add_norm_bwd_kernel[check_grid((programs,), "dropout_add_norm")](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,
             seed if seed is not None else mean, M, N, rows_per_program, dropout_threshold(p),

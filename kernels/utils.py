@@ -127,6 +127,30 @@ def num_warps_for(block: int) -> int:
     return 2 if block >= 256 else 1
 
 
+# CUDA's launch-grid limits: 2^31 - 1 programs on axis 0, 65,535 on axes 1 and 2. Launchers fold
+# whatever can grow with the input (batch x heads, channel blocks) into axis 0.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple[int, ...], op: str) -> tuple[int, ...]:
+    """``grid``, after checking it against :data:`MAX_GRID` (every launcher passes its grid through
+    here, on every backend, so an oversized launch is a clear error and not a CUDA launch failure)."""
+    for axis, (programs, limit) in enumerate(zip(grid, MAX_GRID)):
+        if programs > limit:
+            raise ValueError(f"{op}: the input needs {programs:,} programs on launch-grid axis {axis} "
+                             f"(grid {tuple(grid)}), more than CUDA's limit of {limit:,}")
+    return grid
+
+
+@triton.jit
+def grid_2d(n0):
+    """(i, j) of a program of an (n0, n1) grid launched folded as (n0 * n1,): i fastest, as on a
+    2-D grid, and no 65,535 cap on n1 (see :data:`MAX_GRID`)."""
+    pid = tl.program_id(0)
+    j = pid // n0
+    return pid - j * n0, j
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -191,8 +215,8 @@ def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
         return out
     BLOCK_N = 128
     BLOCK_G = min(32, triton.next_power_of_2(max(G, 1)))
-    _sum_partials_kernel[(triton.cdiv(N, BLOCK_N),)](partials, out, G, N, BLOCK_G=BLOCK_G,
-                                                     BLOCK_N=BLOCK_N)
+    _sum_partials_kernel[check_grid((triton.cdiv(N, BLOCK_N),), "sum_partials")](
+        partials, out, G, N, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N)
     return out
 
 
