@@ -96,39 +96,42 @@ MAX_HEAD_DIM = 256
 
 # ---------------------------------------------------------------------------------------------
 # Configurations. Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of every list
-# is the default (and the interpreter's only choice); the others suit Hopper: 128-row query tiles
-# with 8 warps and 3-4 stages for D <= 128, narrower key tiles for D = 256 to fit shared memory.
-# fp32 lists are short (3xTF32 operands take twice the registers and shared memory of fp16 ones,
-# and fp32 attention is rarely the hot path).
+# is the default (and the interpreter's only choice). Each list is what the ahead-of-time compile
+# gate (benchmarks/compile_report.py) passes for sm_90a and sm_80: tiles of 64+ rows in the M
+# dimension of every dot product (wgmma), shared memory within 163 KB, and no register spills in
+# the common variants -- 8 warps or 32-key tiles at D = 128, one or two stages at D = 256. fp32
+# lists are short (3xTF32 operands take twice the registers and shared memory of fp16 ones, and
+# fp32 attention is rarely the hot path).
 # ---------------------------------------------------------------------------------------------
 
 _FWD_CONFIGS = {
     # (head-dim class, bytes per element)
-    (64, 2): [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)],
-    (128, 2): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
-    (256, 2): [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    (64, 2): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+    (128, 2): [(128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 3)],
+    (256, 2): [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
     (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
     (128, 4): [(64, 32, 4, 1), (64, 64, 4, 2), (128, 32, 8, 2)],
-    (256, 4): [(32, 32, 4, 1), (64, 32, 8, 1), (64, 32, 4, 2)],
+    (256, 4): [(64, 32, 4, 1), (64, 32, 8, 1)],
 }
 # dK/dV kernel: BLOCK_N key rows stay (with their fp32 dK, dV accumulators: 8 warps once D >= 128,
-# so they stay in registers), BLOCK_M query rows stream.
+# so they stay in registers), BLOCK_M query rows stream. BLOCK_N is the M dimension of its dot
+# products: 64 at least, the smallest warpgroup (wgmma) tile on Hopper.
 _BWD_KV_CONFIGS = {
-    (64, 2): [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(32, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3)],
-    (256, 2): [(32, 32, 8, 1), (32, 64, 8, 1), (64, 32, 8, 1)],
+    (64, 2): [(64, 64, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
+    (128, 2): [(16, 64, 8, 2), (32, 64, 8, 2)],
+    (256, 2): [(16, 64, 8, 1)],
     (64, 4): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-    (128, 4): [(32, 32, 8, 2), (32, 64, 8, 1), (64, 64, 8, 1)],
-    (256, 4): [(16, 32, 8, 1), (32, 32, 8, 1)],
+    (128, 4): [(32, 64, 8, 1), (16, 64, 8, 2), (32, 64, 8, 2)],
+    (256, 4): [(16, 32, 8, 1)],  # 64 keys of fp32 would not fit in shared memory
 }
-# dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream.
+# dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream; BLOCK_M >= 64 for wgmma.
 _BWD_Q_CONFIGS = {
-    (64, 2): [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-    (256, 2): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
-    (64, 4): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-    (128, 4): [(32, 32, 4, 2), (64, 32, 4, 1), (64, 64, 8, 1)],
-    (256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
+    (64, 2): [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+    (128, 2): [(128, 32, 8, 2), (64, 32, 4, 3)],
+    (256, 2): [(64, 16, 8, 1), (64, 16, 4, 1)],
+    (64, 4): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    (128, 4): [(64, 32, 4, 1), (64, 32, 8, 1), (64, 16, 4, 2)],
+    (256, 4): [(32, 16, 4, 1)],  # as dK/dV: 64 fp32 rows would not fit
 }
 
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
@@ -167,14 +170,16 @@ def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
     j <= i + causal_shift (0 for dense attention; per sequence in varlen mode).
     """
     if MASK_KIND != 0:
-        # Clamped indices keep every mask read in bounds without a predicate; what they fetch for
-        # rows past L or columns past S is never used.
-        mask_ptrs = (MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh
-                     + tl.minimum(rows, L - 1) * sml + tl.minimum(cols, S - 1) * sms)
+        # Reads past L or S are predicated off (what they would give is never used). Plain
+        # indices, not clamped ones: with a unit column stride the compiler can then prove the
+        # addresses contiguous and load vectors, where clamped ones cost a 64-bit address per
+        # element -- enough registers to spill the kernels.
+        mask_ptrs = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * sml + cols * sms
+        in_bounds = (rows < L) & (cols < S)
         if MASK_KIND == 1:
-            qk = tl.where(tl.load(mask_ptrs) != 0, qk, float("-inf"))
+            qk = tl.where(tl.load(mask_ptrs, mask=in_bounds, other=0) != 0, qk, float("-inf"))
         else:
-            bias = tl.load(mask_ptrs).to(tl.float32)
+            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, MASK_FLOOR))
             qk = qk + bias * LOG2E
     if CHECK_COLS:
