@@ -621,9 +621,9 @@ def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], f
                  hf_names: tuple[str, str], fields: dict,
                  fastdl_variants: dict[str, tuple[dict, dict]] | None = None) -> dict[str, Builder]:
     """Training-step builders for one model: fastdl's, the Hugging Face model in eager mode and,
-    where enabled, that model under torch.compile. ``fastdl_variants`` maps an implementation
-    name to (config overrides, forward keyword arguments) of a fastdl model (default: one
-    "fastdl" with neither)."""
+    where enabled, that model and fastdl's under torch.compile. ``fastdl_variants`` maps an
+    implementation name to (config overrides, forward keyword arguments) of a fastdl model
+    (default: one "fastdl" with neither)."""
 
     def build(make_model, extra=None) -> Builder:
         def builder() -> Impl:
@@ -631,9 +631,12 @@ def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], f
             return Impl(_train_step(model, make_batch, lambda out: out.loss, extra), [], None)
         return builder
 
-    def fastdl_builder(overrides: dict, extra: dict) -> Builder:
+    def fastdl_builder(overrides: dict, extra: dict, compiled: bool = False) -> Builder:
         def builder() -> Impl:
-            impl = build(lambda: fastdl_model(**overrides), extra)()
+            if compiled:
+                torch._dynamo.reset()
+            impl = build(lambda: torch.compile(fastdl_model(**overrides)) if compiled
+                         else fastdl_model(**overrides), extra)()
             probe = torch.empty(0, device=env.device)
             impl.backend = importlib.import_module("fastdl.backend").resolve(probe)
             return impl
@@ -651,6 +654,8 @@ def _model_impls(env: Env, dtype: torch.dtype, make_batch: Callable[[], dict], f
     impls["eager"] = build(eager_model)
     if env.compile:
         impls["compile"] = compile_builder
+        # fastdl's operators are opaque to Inductor: it compiles the rest of the step around them.
+        impls["fastdl + torch.compile"] = fastdl_builder({}, {}, compiled=True)
     return impls
 
 

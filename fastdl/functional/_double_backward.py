@@ -1,11 +1,12 @@
-"""Backward passes that autograd can differentiate again (double backward).
+"""Backward passes that autograd can differentiate again (double backward) on the kernel path.
 
 The kernels compute first derivatives only. When autograd records a backward pass itself
 (``create_graph=True``: Hessian-vector products, gradient penalties, ``gradgradcheck``), grad mode
-is on inside ``backward``; the kernel-path Functions then take their gradients from
-:func:`differentiable_grads` -- the same op written in differentiable torch ops, recomputed from
-the saved inputs -- so second derivatives are exact instead of silently zero. A plain
-``backward()`` never comes here: it runs with grad mode off and takes the kernels.
+is on inside an operator's autograd formula; the kernel-path formulas then take their gradients
+from :func:`differentiable_grads` -- the same op written in differentiable torch ops, recomputed
+from the saved inputs, with the kernels' own dropout mask -- so second derivatives are exact
+instead of silently zero. A plain ``backward()`` never comes here: it runs with grad mode off and
+takes the kernels.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
-
-def recording_backward() -> bool:
-    """True inside a backward whose own graph autograd is recording (``create_graph=True``)."""
-    return torch.is_grad_enabled()
 
 
 def differentiable_grads(reference: Callable, inputs: Sequence[torch.Tensor | None],

@@ -11,6 +11,7 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
     Drawing it from torch's generator (rather than Python's) makes ``torch.manual_seed(s)``
     reproduce a fastdl call exactly, and successive calls differ. The seed stays on the device --
     the kernels load it themselves -- so drawing it never waits for the GPU, and inside a CUDA
-    graph each replay draws a new one (torch's generators are graph-safe).
+    graph each replay draws a new one (torch's generators are graph-safe). A tensor, not an int,
+    also lets ``torch.compile`` trace the draw: the operators take the seed as an input.
     """
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

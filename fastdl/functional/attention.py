@@ -24,7 +24,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 from .. import backend
-from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
+from ._double_backward import differentiable_grads, dropout_scale_mask
+from ._library import (autocast_dtype, autocast_to, fake_like, operator, or_empty, path, recompute_grads,
+                       seeded)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device
 
@@ -43,9 +45,9 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> No
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype not in (torch.bool, query.dtype):
-            raise TypeError(f"attn_mask must be bool (True = attend) or of query's dtype {query.dtype}, "
-                            f"got {attn_mask.dtype}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"attn_mask must be bool (True = attend), float32 or of query's dtype "
+                            f"{query.dtype}, got {attn_mask.dtype}")
         if attn_mask.dim() < 2:
             raise ValueError(f"attn_mask must have at least 2 dims (..., L, S), got shape "
                              f"{tuple(attn_mask.shape)}")
@@ -104,16 +106,22 @@ def _unsupported(query, key, value, attn_mask, enable_gqa, name: str) -> str | N
         H, H_kv = query.shape[-3], key.shape[-3]
         if H != H_kv and not ((enable_gqa or H_kv == 1) and H_kv > 0 and H % H_kv == 0):
             return "key/value heads that broadcast against query's are left to torch"
-    if attn_mask is not None:
-        target = _shape_4d(query)[:3] + (key.shape[-2],)
-        try:
-            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"(batch, heads, L, S) = {target}")
     return None
+
+
+def _check_mask_shape(query, key, value, attn_mask) -> None:
+    """ValueError unless a mask broadcasts to (batch, heads, L, S) (for the layouts the kernel
+    takes; torch checks the others)."""
+    if attn_mask is None or not query.dim() == key.dim() == value.dim() or query.dim() > 4:
+        return
+    target = _shape_4d(query)[:3] + (key.shape[-2],)
+    try:
+        fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(batch, heads, L, S) = {target}")
 
 
 def _shape_4d(t: torch.Tensor) -> tuple[int, ...]:
@@ -124,6 +132,27 @@ def _shape_4d(t: torch.Tensor) -> tuple[int, ...]:
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.view(_shape_4d(t)) if t.dim() < 4 else t
+
+
+def _path(query, key, value, attn_mask, enable_gqa) -> str:
+    return path(_OP, query, _unsupported(query, key, value, attn_mask, enable_gqa, backend.resolve(query)))
+
+
+def _out_shape(query, key, value, enable_gqa) -> tuple[int, ...]:
+    """torch's output shape: the broadcast batch (and head) dims, L, Dv."""
+    k_lead = list(key.shape[:-2])
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
+        k_lead[-1] = query.shape[-3]
+    lead = torch.broadcast_shapes(tuple(query.shape[:-2]), tuple(k_lead))
+    return (*lead, query.shape[-2], value.shape[-1])
+
+
+def _torch_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool,
+                     seed):
+    """torch's attention, its dropout drawn from the seed (what the torch path's backward recomputes)."""
+    with seeded(seed if dropout_p > 0.0 else None):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def _reference_attention(q, k, v, attn_mask, is_causal: bool, scale: float | None, keep):
@@ -147,36 +176,87 @@ def _reference_attention(q, k, v, attn_mask, is_causal: bool, scale: float | Non
     return probs @ v
 
 
-class ScaledDotProductAttentionFunction(torch.autograd.Function):
-    """o = softmax(q k^T * scale + mask) v on the kernel path, (B, H, L, D) tensors.
+@operator(_OP)
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                  dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (..., L, Dv), logsumexp (..., L) float32 -- zeros on the torch path, whose backward
+    recomputes)."""
+    if _path(query, key, value, attn_mask, enable_gqa) == "torch":
+        out = _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed)
+        out = out.contiguous()  # torch's CPU kernels may return another layout; the fake is contiguous
+        return out, out.new_zeros(out.shape[:-1], dtype=torch.float32)
+    o, lse = backend.kernels("attention").attention_fwd(
+        _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, is_causal, scale, dropout_p,
+        seed)
+    return o.view(*query.shape[:-1], value.shape[-1]), lse.view(query.shape[:-1])
 
-    Saves q, k, v, the mask, o and the per-row logsumexp; the dropout mask is regenerated from
-    ``seed`` in the backward.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, attn_mask, is_causal: bool, scale: float | None, dropout_p: float,
-                seed: torch.Tensor | None):
-        o, lse = backend.kernels("attention").attention_fwd(q, k, v, attn_mask, is_causal, scale,
-                                                            dropout_p, seed)
-        ctx.save_for_backward(q, k, v, attn_mask, o, lse)
-        ctx.args = (is_causal, scale, dropout_p, seed)
-        return o
+@_attention_op.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
+    shape = _out_shape(query, key, value, enable_gqa)
+    return query.new_empty(shape), query.new_empty(shape[:-1], dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, attn_mask, o, lse = ctx.saved_tensors
-        is_causal, scale, dropout_p, seed = ctx.args
-        if recording_backward():
-            keep = dropout_scale_mask(q.shape[:3] + (k.shape[2],), dropout_p, seed, q.device)
-            grads = differentiable_grads(
-                lambda q, k, v, m: _reference_attention(q, k, v, m, is_causal, scale, keep),
-                (q, k, v, attn_mask), ctx.needs_input_grad[:4], do)
-            return (*grads, None, None, None, None)
-        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+
+@operator(_OP + "_backward")
+def _attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attn_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                           dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+                           seed: torch.Tensor | None, mask_grad: bool, backend_name: str
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d attn_mask); the last is empty unless ``mask_grad``."""
+    if backend_name == "torch":
+        mask_in = attn_mask if mask_grad else None
+        dq, dk, dv, dmask = recompute_grads(
+            lambda q, k, v, m: _torch_attention(q, k, v, attn_mask if m is None else m, dropout_p, is_causal,
+                                                scale, enable_gqa, seed),
+            (query, key, value, mask_in), (grad,))
+        dq, dk, dv = (g.contiguous() for g in (dq, dk, dv))  # the fake's layout, as the kernels'
+    else:
         dq, dk, dv, dmask = backend.kernels("attention").attention_bwd(
-            do, q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
-        return dq, dk, dv, dmask, None, None, None, None
+            _as_4d(grad), _as_4d(query), _as_4d(key), _as_4d(value), _as_4d(out), lse.view(_shape_4d(out)[:3]),
+            attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
+        dq, dk, dv = dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
+    return dq, dk, dv, or_empty(dmask if mask_grad else None, query)
+
+
+@_attention_backward_op.register_fake
+def _(grad, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, enable_gqa, seed, mask_grad,
+      backend_name):
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            fake_like(attn_mask if mask_grad else None, query))
+
+
+def _attention_setup(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa)
+    ctx.backend_name = _path(query, key, value, attn_mask, enable_gqa)
+
+
+def _attention_grad(ctx, grad, _lse):
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale, enable_gqa = ctx.args
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():  # double backward: differentiable PyTorch
+        if ctx.backend_name != "torch":  # the kernel's semantics and dropout mask, in torch ops
+            q4, k4 = _as_4d(query), _as_4d(key)
+            keep = dropout_scale_mask(q4.shape[:3] + (k4.shape[2],), dropout_p, seed, query.device)
+            grads = differentiable_grads(
+                lambda q, k, v, m: _reference_attention(_as_4d(q), _as_4d(k), _as_4d(v), m, is_causal, scale,
+                                                        keep).view(*q.shape[:-1], v.shape[-1]),
+                (query, key, value, attn_mask), ctx.needs_input_grad[:4], grad)
+            return (*grads, None, None, None, None, None)
+        grads = recompute_grads(lambda q, k, v, m: _torch_attention(q, k, v, m, *ctx.args, seed),
+                                (query, key, value, attn_mask), (grad,), create_graph=True)
+        return (*grads, None, None, None, None, None)
+    dq, dk, dv, dmask = torch.ops.fastdl.scaled_dot_product_attention_backward(
+        grad, query, key, value, attn_mask, out, lse, *ctx.args, seed, mask_grad, ctx.backend_name)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -193,19 +273,19 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     torch's generator, so ``torch.manual_seed`` reproduces a call). ``enable_gqa``: H a multiple
     of H_kv, query head h reads key/value head h // (H // H_kv). Fully masked rows return 0.
     """
+    if isinstance(query, torch.Tensor):  # attention is on autocast's lower-precision list (CPU, CUDA)
+        cast = autocast_dtype(query)
+        query, key, value, attn_mask = (autocast_to(cast, t) if isinstance(t, torch.Tensor) else t
+                                        for t in (query, key, value, attn_mask))
     _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
     _check_broadcast(query, key, value, enable_gqa)
     _check_gqa(query, key, value, enable_gqa)
-    reason = _unsupported(query, key, value, attn_mask, enable_gqa, backend.resolve(query))
-    if backend.select(_OP, query, unsupported=reason) == "torch":
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    _check_mask_shape(query, key, value, attn_mask)
     dropout_p = float(dropout_p)
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
-    out = ScaledDotProductAttentionFunction.apply(
-        _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, bool(is_causal),
-        None if scale is None else float(scale), dropout_p, seed)
-    return out.view(*query.shape[:-1], value.shape[-1])
+    return torch.ops.fastdl.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, bool(is_causal), None if scale is None else float(scale),
+        bool(enable_gqa), seed)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +377,8 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     if _varlen_backend(q, v) == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
     return backend.kernels("attention").varlen_attention_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
+        seed)
 
 
 @_varlen_attention_op.register_fake
@@ -311,8 +392,7 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                   dropout_p: float, is_causal: bool, scale: float | None,
-                                  seed: torch.Tensor | None
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,

@@ -4,8 +4,8 @@
 mask comes from a counter-based generator keyed by a seed drawn from torch's generator for the
 input's device (so ``torch.manual_seed`` reproduces it) and kept there as a one-element tensor the
 kernels read (no host synchronisation); the backward regenerates the mask from that seed and
-nothing else is saved. The torch path is PyTorch's own dropout: same distribution,
-different random stream.
+nothing else is saved. The torch path is PyTorch's own dropout with its generator seeded from that
+seed (read on the host): same distribution, different random stream.
 
 ``dropout_add_layer_norm`` computes, in one kernel, the "add & norm" step::
 
@@ -23,8 +23,11 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+
 from .. import backend
-from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
+from ._double_backward import differentiable_grads
+from ._library import (autocast_dtype, fake_like, operator, or_empty, path, recompute_grads, seeded,
+                       stats_dtype)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, check_shape
 
@@ -37,27 +40,57 @@ def _check_p(p) -> float:
     return float(p)
 
 
-class DropoutFunction(torch.autograd.Function):
-    """y = dropout(x) on the kernel path; only the seed is kept for the backward."""
+def _torch_dropout(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """torch's dropout with its generator seeded from ``seed``: the torch path's mask."""
+    x = input.contiguous()  # torch draws in memory order: one layout, one mask per seed
+    with seeded(seed):
+        return F.dropout(x, p, True)
 
-    @staticmethod
-    def forward(ctx, input, p: float, seed: torch.Tensor, inplace: bool):
-        kernels = backend.kernels("dropout")
-        ctx.p, ctx.seed = p, seed
-        if not inplace:
-            return kernels.dropout_fwd(input, p, seed).view(input.shape)
-        ctx.mark_dirty(input)
-        if input.is_contiguous():
-            kernels.dropout_fwd(input, p, seed, out=input)
-        else:
-            input.copy_(kernels.dropout_fwd(input, p, seed).view(input.shape))
-        return input
 
-    @staticmethod
-    def backward(ctx, dy):
-        # The backward is dropout of dy with the same mask: run as the Function itself, it is
-        # differentiable again (double backward) for free.
-        return DropoutFunction.apply(dy, ctx.p, ctx.seed, False), None, None, None
+def _apply_mask(input: torch.Tensor, p: float, seed: torch.Tensor, backend_name: str) -> torch.Tensor:
+    """Dropout of ``input`` with the mask of ``seed`` on ``backend_name`` (a new tensor)."""
+    if backend_name == "torch":
+        out = _torch_dropout(input, p, seed)
+        return out.clone() if out is input else out
+    return backend.kernels("dropout").dropout_fwd(input, p, seed).view(input.shape)
+
+
+@operator("dropout")
+def _dropout_op(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Dropout with the mask of ``seed`` (a (1,) int64 tensor) on the backend of this call."""
+    return _apply_mask(input, p, seed, path("dropout", input))
+
+
+@operator("dropout_backward")
+def _dropout_backward_op(grad: torch.Tensor, p: float, seed: torch.Tensor, backend_name: str) -> torch.Tensor:
+    """The forward's mask applied to ``grad`` (dropout is linear: its backward is itself)."""
+    return _apply_mask(grad, p, seed, backend_name)
+
+
+def _dropout_fake(input, p, seed, *backend_name):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+_dropout_op.register_fake(_dropout_fake)
+_dropout_backward_op.register_fake(_dropout_fake)
+
+
+def _dropout_setup(ctx, inputs, output):
+    input, p, seed, *backend_name = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+    ctx.backend_name = backend_name[0] if backend_name else path("dropout", input)
+
+
+def _dropout_grad(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    # Differentiable again (it is the same linear map): double backward for free.
+    return torch.ops.fastdl.dropout_backward(grad, ctx.p, seed, ctx.backend_name), None, None
+
+
+_dropout_op.register_autograd(_dropout_grad, setup_context=_dropout_setup)
+_dropout_backward_op.register_autograd(lambda ctx, grad: (*_dropout_grad(ctx, grad), None),
+                                       setup_context=_dropout_setup)
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
@@ -67,11 +100,10 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     at ``p == 1``. fp16/bf16/fp32/fp64, any shape; ``inplace`` overwrites ``input``."""
     p = _check_p(p)
     check_floating("input", input)
-    if backend.select("dropout", input) == "torch":
-        return F.dropout(input, p, training, inplace)
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    return DropoutFunction.apply(input, p, draw_seed(input.device), bool(inplace))
+    out = torch.ops.fastdl.dropout(input, p, draw_seed(input.device))
+    return input.copy_(out) if inplace else out
 
 
 def _check_add_norm_args(x, residual, weight, bias) -> None:
@@ -88,64 +120,139 @@ def _check_add_norm_args(x, residual, weight, bias) -> None:
     check_shape("bias", bias, (x.shape[-1],))
 
 
-class DropoutAddLayerNormFunction(torch.autograd.Function):
-    """(LayerNorm(residual + dropout(x)), residual + dropout(x)) on the kernel path.
+def _torch_dropout_add_layer_norm(x, residual, weight, bias, p: float, eps: float, seed, backend_name: str):
+    """(out, pre_norm_sum) in PyTorch, the dropout mask being ``backend_name``'s for ``seed``: the
+    torch path's forward, and the differentiable recomputation for double backward."""
+    if p == 0.0:
+        pre = x
+    elif backend_name == "torch":
+        pre = _torch_dropout(x, p, seed)
+    else:  # the kernel's mask, differentiably (double backward)
+        pre = torch.ops.fastdl.dropout_backward(x, p, seed, backend_name)
+    if residual is not None:
+        pre = residual + pre
+    return F.layer_norm(pre, (x.shape[-1],), weight, bias, eps), pre
 
-    Saved: pre_norm_sum (an output, so no extra memory while the caller holds it), the weight, bias and
-    the per-row mean and rstd; the dropout mask is regenerated from the seed.
-    """
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, p: float, eps: float, seed: torch.Tensor | None):
-        rows = (math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, n): n may be 0
-        out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
-            x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
-            p, eps, seed)
-        pre = pre.view(x.shape)  # saved as the output itself, so a recorded backward reaches x
-        ctx.save_for_backward(pre, weight, bias, mean, rstd)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
-        ctx.p, ctx.seed, ctx.eps = p, seed, eps
-        ctx.shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.view(x.shape), pre
+@operator("dropout_add_layer_norm")
+def _dropout_add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                               bias: torch.Tensor | None, p: float, eps: float, seed: torch.Tensor | None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, pre_norm_sum, mean (M,), rstd (M,)); the statistics are zeros on the torch path."""
+    rows = (math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, n): n may be 0
+    if path("dropout_add_layer_norm", x) == "torch":
+        out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed, "torch")
+        zeros = x.new_zeros(rows[0], dtype=stats_dtype(pre.dtype))
+        return out, pre.clone() if pre is x else pre, zeros, zeros.clone()
+    out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
+        x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
+        p, eps, seed)
+    return out.view(x.shape), pre.view(x.shape), mean, rstd
 
-    @staticmethod
-    def _recorded_backward(ctx, dout, dpre, pre, weight, bias):
-        """The backward in differentiable torch ops (double backward). ``pre`` is the saved output,
-        so second-order terms flow back into x and residual through this Function again."""
-        shape, n = pre.shape, pre.shape[-1]  # x's shape
-        need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
-        ds = dpre
-        dw = db = None
-        if dout is not None:
-            pre_leaf = pre if pre.requires_grad else pre.detach().requires_grad_()
-            dpre_out, dw, db = differentiable_grads(
-                lambda s, w, b: F.layer_norm(s, (n,), w, b, ctx.eps), (pre_leaf, weight, bias),
-                (True, need_w, need_b), dout.reshape(shape))
-            ds = dpre_out if ds is None else ds + dpre_out
-        keep = dropout_scale_mask(shape, ctx.p, ctx.seed, pre.device)
-        dx = (ds if keep is None else ds * keep).to(ctx.x_dtype) if need_x else None
-        dres = ds.to(ctx.residual_dtype) if need_res else None
-        return dx, dres, dw, db, None, None, None
 
-    @staticmethod
-    def backward(ctx, dout, dpre):
-        pre, weight, bias, mean, rstd = ctx.saved_tensors
-        if recording_backward():
-            return DropoutAddLayerNormFunction._recorded_backward(ctx, dout, dpre, pre, weight, bias)
-        out_unused = dout is None  # only pre_norm_sum fed the loss: weight and bias get no gradient
-        if out_unused:
-            dout = torch.zeros_like(pre)
-        rows = (math.prod(pre.shape[:-1]), pre.shape[-1])
-        pre = pre.reshape(rows)
-        dx, dres, dw, db = backend.kernels("layer_norm").dropout_add_layer_norm_bwd(
-            dout.reshape(rows), None if dpre is None else dpre.reshape(rows), pre, weight,
-            mean, rstd, ctx.p, ctx.seed, ctx.x_dtype, ctx.residual_dtype, ctx.bias_dtype)
-        if out_unused:
-            dw = db = None
-        shape = ctx.shape
-        return (dx.view(shape), None if dres is None else dres.view(shape), dw, db, None, None, None)
+@_dropout_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, p, eps, seed):
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rows = math.prod(x.shape[:-1])
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(rows, dtype=stats_dtype(dtype)), x.new_empty(rows, dtype=stats_dtype(dtype)))
+
+
+@operator("dropout_add_layer_norm_backward")
+def _dropout_add_layer_norm_backward_op(
+        dout: torch.Tensor, dpre: torch.Tensor, x: torch.Tensor | None, residual: torch.Tensor | None,
+        pre: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+        rstd: torch.Tensor, p: float, eps: float, seed: torch.Tensor | None, x_dtype: torch.dtype,
+        residual_dtype: torch.dtype | None, bias_dtype: torch.dtype | None, backend_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual, dweight, dbias); empty tensors for an absent residual, weight or bias
+    (``*_dtype`` None). The torch path recomputes from ``x``, ``residual`` and ``bias``; the
+    kernel path needs only ``pre`` and the weight."""
+    if backend_name == "torch":
+        grads = recompute_grads(
+            lambda x, residual, weight, bias: _torch_dropout_add_layer_norm(
+                x, residual, weight, bias, p, eps, seed, "torch"),
+            (x, residual, weight, bias), (dout, dpre))
+        return tuple(or_empty(g, pre) for g in grads)
+    shape = pre.shape
+    rows = (math.prod(shape[:-1]), shape[-1])
+    dx, dres, dw, db = backend.kernels("layer_norm").dropout_add_layer_norm_bwd(
+        dout.reshape(rows), dpre.reshape(rows), pre.reshape(rows), weight, mean, rstd, p,
+        seed, x_dtype, residual_dtype, bias_dtype)
+    dres = None if dres is None else dres.view(shape)
+    return dx.view(shape), or_empty(dres, pre), or_empty(dw, pre), or_empty(db, pre)
+
+
+@_dropout_add_layer_norm_backward_op.register_fake
+def _(dout, dpre, x, residual, pre, weight, bias, mean, rstd, p, eps, seed, x_dtype, residual_dtype,
+      bias_dtype, backend_name):
+    dres = None if residual_dtype is None else pre.new_empty(pre.shape, dtype=residual_dtype)
+    db = None if bias_dtype is None else pre.new_empty(pre.shape[-1], dtype=bias_dtype)
+    return (pre.new_empty(pre.shape, dtype=x_dtype), or_empty(dres, pre), fake_like(weight, pre),
+            or_empty(db, pre))
+
+
+def _dropout_add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, p, eps, seed = inputs
+    out, pre, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+    ctx.backend_name = path("dropout_add_layer_norm", x)
+    # The kernel path's backward needs pre_norm_sum (an output the caller usually holds anyway);
+    # the torch path's recomputes from x and residual.
+    kept = (x, residual) if ctx.backend_name == "torch" else (None, None)
+    ctx.save_for_backward(*kept, bias, pre, weight, mean, rstd, seed)
+    ctx.args = (p, eps)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, residual, bias))
+    ctx.present = (residual is not None, weight is not None, bias is not None)
+
+
+def _dropout_add_layer_norm_recorded_grad(ctx, dout, dpre, pre, weight, bias, seed):
+    """The kernel path's backward in differentiable ops (double backward). ``pre`` is the saved
+    output, so second-order terms flow back into x and residual through this operator again."""
+    p, eps = ctx.args
+    need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+    ds, dw, db = dpre, None, None
+    if dout is not None:
+        pre_leaf = pre if pre.requires_grad else pre.detach().requires_grad_()
+        dpre_out, dw, db = differentiable_grads(
+            lambda s, w, b: F.layer_norm(s, (s.shape[-1],), w, b, eps), (pre_leaf, weight, bias),
+            (True, need_w, need_b), dout)
+        ds = dpre_out if ds is None else ds + dpre_out
+    if ds is None:
+        return None, None, dw, db, None, None, None
+    x_dtype, residual_dtype, _ = ctx.dtypes
+    dx = None
+    if need_x:
+        dx = ds if p == 0.0 else torch.ops.fastdl.dropout_backward(ds, p, seed, ctx.backend_name)
+        dx = dx.to(x_dtype)
+    dres = ds.to(residual_dtype) if need_res else None
+    return dx, dres, dw, db, None, None, None
+
+
+def _dropout_add_layer_norm_grad(ctx, dout, dpre, *_stats):
+    x, residual, bias, pre, weight, mean, rstd, seed = ctx.saved_tensors
+    p, eps = ctx.args
+    if torch.is_grad_enabled():  # double backward: differentiable PyTorch with the forward's mask
+        if x is None:  # kernel path: x and residual were not kept, pre_norm_sum was
+            return _dropout_add_layer_norm_recorded_grad(ctx, dout, dpre, pre, weight, bias, seed)
+        grads = recompute_grads(
+            lambda x, residual, weight, bias: _torch_dropout_add_layer_norm(
+                x, residual, weight, bias, p, eps, seed, ctx.backend_name),
+            (x, residual, weight, bias), (dout, dpre), create_graph=True)
+        return (*grads, None, None, None)
+    out_unused = dout is None  # only pre_norm_sum fed the loss: weight and bias get no gradient
+    dout = torch.zeros_like(pre) if dout is None else dout
+    dpre = torch.zeros_like(pre) if dpre is None else dpre
+    dx, dres, dw, db = torch.ops.fastdl.dropout_add_layer_norm_backward(
+        dout, dpre, x, residual, pre, weight, bias, mean, rstd, p, eps, seed, *ctx.dtypes, ctx.backend_name)
+    has_res, has_w, has_b = ctx.present
+    has_w, has_b = has_w and not out_unused, has_b and not out_unused
+    return (dx, dres if has_res else None, dw if has_w else None, db if has_b else None, None, None, None)
+
+
+_dropout_add_layer_norm_op.register_autograd(_dropout_add_layer_norm_grad,
+                                             setup_context=_dropout_add_layer_norm_setup)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None,
@@ -163,12 +270,10 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
     """
     p = _check_p(p)
     _check_add_norm_args(x, residual, weight, bias)
-    if backend.select("dropout_add_layer_norm", x) == "torch":
-        pre = F.dropout(x, p, training)
-        if residual is not None:
-            pre = residual + pre
-        return F.layer_norm(pre, (x.shape[-1],), weight, bias, eps), pre
     if not training:
         p = 0.0
     seed = draw_seed(x.device) if p > 0.0 and x.numel() else None
-    return DropoutAddLayerNormFunction.apply(x, residual, weight, bias, p, float(eps), seed)
+    out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
+    if autocast_dtype(x) is not None and x.device.type == "cuda":
+        out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
+    return out, pre

@@ -22,12 +22,15 @@ index outside ``[0, num_embeddings)``:
   (every device then reads the range back, one host sync per index tensor, and raises the CPU's
   IndexError at the call; ``=0`` gives CPU tensors the device-side check too).
 
+The checks read index values, so they run inside the operators (below ``torch.compile``'s
+tracing): eager calls still raise at once and compiled graphs do not break on them.
+
 Weight gradients on the kernel path are always computed deterministically (the default, and the
 only path): the launcher sorts the indices and one program sums each run of equal indices in a
 fixed order (see ``fastdl.kernels.embedding``). A float-atomic scatter would change the result
 from run to run and cannot run in fp16 under Triton's interpreter; the sort costs little next to
-the rows moved. Double backward works: a backward recorded with ``create_graph=True`` takes
-torch's differentiable ops (see ``_double_backward``).
+the rows moved. Double backward works on every path: a backward recorded with
+``create_graph=True`` runs torch's differentiable ops.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+
 from .. import backend
-from ._double_backward import differentiable_grads, dropout_scale_mask, recording_backward
+from ._library import (autocast_dtype, fake_like, operator, or_empty, or_none, path, recompute_grads,
+                       stats_dtype, unaliased)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, eager_index_check
 
@@ -49,17 +54,20 @@ def _check_weight(name: str, weight: torch.Tensor) -> None:
                          f"got shape {tuple(weight.shape)}")
 
 
-def _check_indices(name: str, indices: torch.Tensor, num_embeddings: int, table: str,
-                   values: bool = True) -> None:
-    """TypeError unless ``indices`` is an int32/int64 tensor; with ``values``, an index outside
-    ``[0, num_embeddings)`` raises IndexError naming it at the call (CPU), or fails a device-side
-    assertion raised at the next synchronisation (CUDA): see the module docstring."""
+def _check_index_dtype(name: str, indices) -> None:
+    """TypeError unless ``indices`` is an int32/int64 tensor."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 or int32 indices, "
                         f"got {type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold int64 or int32 indices, got dtype {indices.dtype}")
-    if not values or indices.numel() == 0 or indices.device.type == "meta":  # meta: no values
+
+
+def _check_range(name: str, indices: torch.Tensor, num_embeddings: int, table: str) -> None:
+    """An index outside ``[0, num_embeddings)`` raises IndexError naming it at the call (CPU), or
+    fails a device-side assertion raised at the next synchronisation (CUDA): see the module
+    docstring. It reads values, so it runs inside the operators."""
+    if indices.numel() == 0 or indices.device.type == "meta":  # meta: no values
         return
     if not eager_index_check(indices.device):
         in_range = ((indices >= 0) & (indices < num_embeddings)).all()
@@ -89,88 +97,220 @@ def _padding_index(padding_idx, num_embeddings: int) -> int | None:
 _MAX_BERT_DIM = 16384
 
 
-class EmbeddingFunction(torch.autograd.Function):
-    """weight[input] on the kernel path. Saved: the flat indices only.
-
-    The weight gradient is dense, from the deterministic sort-and-segment-sum kernel
-    (``fastdl.kernels.embedding``); with ``sparse=True`` it is a sparse COO tensor built from the
-    indices and the output gradient rows, as torch builds it (no kernel needed: nothing is summed).
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool):
-        idx = input.reshape(-1)
-        out = backend.kernels("embedding").embedding_fwd(idx, weight)
-        ctx.save_for_backward(idx)
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        ctx.padding_idx, ctx.scale_grad_by_freq, ctx.sparse = padding_idx, scale_grad_by_freq, sparse
-        return out.view(*input.shape, weight.shape[1])
-
-    @staticmethod
-    def backward(ctx, dout):
-        (idx,) = ctx.saved_tensors
-        num, dim = ctx.weight_shape
-        dout = dout.reshape(-1, dim)
-        if recording_backward():  # torch's op, differentiable in dout (the weight enters linearly)
-            pad = -1 if ctx.padding_idx is None else ctx.padding_idx
-            dweight = torch.ops.aten.embedding_backward(dout, idx, num, pad, ctx.scale_grad_by_freq,
-                                                        ctx.sparse)
-            return None, dweight.to(ctx.weight_dtype), None, None, None
-        if ctx.sparse:
-            if ctx.scale_grad_by_freq:
-                raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
-                                   "(as in PyTorch)")
-            values = dout.to(ctx.weight_dtype)
-            if ctx.padding_idx is not None:  # zeroed rather than removed: no data-sized result
-                values = values * (idx != ctx.padding_idx).unsqueeze(1).to(values.dtype)
-            dweight = torch.sparse_coo_tensor(idx.to(torch.int64).unsqueeze(0), values, (num, dim),
-                                              check_invariants=False)  # indices were range-checked
-        else:
-            dweight = backend.kernels("embedding").embedding_bwd(
-                dout, idx, num, ctx.padding_idx, ctx.scale_grad_by_freq, ctx.weight_dtype)
-        return None, dweight, None, None, None
+def _pad_or_none(padding_idx: int) -> int | None:
+    """Operators carry "no padding row" as -1 (as aten does)."""
+    return None if padding_idx < 0 else padding_idx
 
 
-class BertEmbeddingsFunction(torch.autograd.Function):
-    """The fused BERT embedding block on the kernel path.
+@operator("embedding")
+def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, scale_grad_by_freq: bool,
+                  sparse: bool) -> torch.Tensor:
+    """weight[input] -> input.shape + (D,); ``padding_idx`` -1 for none."""
+    if path("embedding", weight) == "torch":
+        # torch checks the range itself (IndexError on CPU, a device-side assert on CUDA); ours
+        # runs only to name the bad index, so a valid call pays nothing for it.
+        try:
+            return F.embedding(input, weight, _pad_or_none(padding_idx), None, 2.0, scale_grad_by_freq, sparse)
+        except IndexError:
+            _check_range("input", input, weight.shape[0], "weight")
+            raise
+    _check_range("input", input, weight.shape[0], "weight")
+    out = backend.kernels("embedding").embedding_fwd(input.reshape(-1), weight)
+    return out.view(*input.shape, weight.shape[1])
 
-    Saved: the three flat index vectors, the tables and LayerNorm weight and bias (references, not copies),
-    per-token mean and rstd, and the dropout seed; the sum and the mask are recomputed.
-    """
 
-    @staticmethod
-    def forward(ctx, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
-                ln_bias, eps: float, p: float, seed: torch.Tensor | None, padding_idx: int | None):
+@_embedding_op.register_fake
+def _(input, weight, padding_idx, scale_grad_by_freq, sparse):
+    return weight.new_empty((*input.shape, weight.shape[1]))
+
+
+@operator("embedding_backward")
+def _embedding_backward_op(grad: torch.Tensor, input: torch.Tensor, num_embeddings: int, padding_idx: int,
+                           scale_grad_by_freq: bool, weight_dtype: torch.dtype,
+                           backend_name: str) -> torch.Tensor:
+    """The dense (V, D) weight gradient: row v sums the gradient rows of the tokens equal to v."""
+    grad = grad.reshape(-1, grad.shape[-1])
+    if backend_name == "torch":
+        return torch.ops.aten.embedding_dense_backward(
+            grad, input.reshape(-1), num_embeddings, padding_idx, scale_grad_by_freq).to(weight_dtype)
+    return backend.kernels("embedding").embedding_bwd(grad, input.reshape(-1), num_embeddings,
+                                                      _pad_or_none(padding_idx), scale_grad_by_freq,
+                                                      weight_dtype)
+
+
+@_embedding_backward_op.register_fake
+def _(grad, input, num_embeddings, padding_idx, scale_grad_by_freq, weight_dtype, backend_name):
+    return grad.new_empty((num_embeddings, grad.shape[-1]), dtype=weight_dtype)
+
+
+def _embedding_setup(ctx, inputs, output):
+    input, weight, padding_idx, scale_grad_by_freq, sparse = inputs
+    ctx.save_for_backward(input)
+    ctx.args = (weight.shape[0], padding_idx, scale_grad_by_freq)
+    ctx.sparse, ctx.weight_dtype = sparse, weight.dtype
+    ctx.backend_name = path("embedding", weight)
+
+
+def _embedding_grad(ctx, grad):
+    (input,) = ctx.saved_tensors
+    num, padding_idx, scale_grad_by_freq = ctx.args
+    if ctx.sparse:  # built from the indices and gradient rows, as torch builds it: nothing is summed
+        if scale_grad_by_freq:
+            raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
+                               "(as in PyTorch)")
+        idx, values = input.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(ctx.weight_dtype)
+        if padding_idx >= 0:  # zeroed rather than removed: no data-sized result
+            values = values * (idx != padding_idx).unsqueeze(1).to(values.dtype)
+        dweight = torch.sparse_coo_tensor(idx.to(torch.int64).unsqueeze(0), values, (num, values.shape[1]),
+                                          check_invariants=False)  # indices were range-checked
+    elif torch.is_grad_enabled():  # double backward: the same linear map in differentiable torch
+        dweight = torch.ops.aten.embedding_dense_backward(
+            grad, input, num, padding_idx, scale_grad_by_freq).to(ctx.weight_dtype)
+    else:
+        dweight = torch.ops.fastdl.embedding_backward(grad, input, *ctx.args, ctx.weight_dtype,
+                                                      ctx.backend_name)
+    return None, dweight, None, None, None
+
+
+_embedding_op.register_autograd(_embedding_grad, setup_context=_embedding_setup)
+
+
+@operator("embedding_renorm_", mutates_args=("weight",))
+def _embedding_renorm_op(weight: torch.Tensor, input: torch.Tensor, max_norm: float, norm_type: float) -> None:
+    """Rescale, in place, the rows of ``weight`` that ``input`` looks up to norm <= max_norm
+    (``torch.embedding_renorm_``), after checking the indices (a bad one would write out of
+    bounds)."""
+    _check_range("input", input, weight.shape[0], "weight")
+    torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
+
+
+@_embedding_renorm_op.register_fake
+def _(weight, input, max_norm, norm_type):
+    return None
+
+
+def _bert_path(word: torch.Tensor) -> str:
+    dim = word.shape[1]
+    return path("bert_embeddings", word, None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}")
+
+
+def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
+                           ln_bias, eps: float, p: float, seed, padding_idx: int, backend_name: str = "torch"):
+    """The block in PyTorch, the dropout mask being ``backend_name``'s for ``seed``: the torch
+    path's forward and what its backward recomputes, and the differentiable recomputation for
+    double backward."""
+    from .dropout import _torch_dropout
+
+    x = (F.embedding(input_ids, word, _pad_or_none(padding_idx)) + F.embedding(position_ids, position)
+         + F.embedding(token_type_ids, token_type))
+    x = F.layer_norm(x, (word.shape[1],), ln_weight, ln_bias, eps)
+    if p == 0.0:
+        return x
+    if backend_name == "torch":
+        return _torch_dropout(x, p, seed)
+    # The kernel's mask over the contiguous (tokens, D) rows, differentiably.
+    return torch.ops.fastdl.dropout_backward(x.contiguous(), p, seed, backend_name)
+
+
+@operator("bert_embeddings")
+def _bert_embeddings_op(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+                        word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor,
+                        ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, p: float,
+                        seed: torch.Tensor | None, padding_idx: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out input_ids.shape + (D,), mean (M,), rstd (M,)); the statistics are zeros on the torch
+    path (its backward recomputes). The index tensors share input_ids' shape."""
+    lookups = (("input_ids", input_ids, word, "word"),
+               ("token_type_ids", token_type_ids, token_type, "token_type"),
+               ("position_ids", position_ids, position, "position"))
+    if _bert_path(word) == "torch":
+        try:  # as in embedding: torch checks the range, ours only names the bad index
+            out = _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type,
+                                         ln_weight, ln_bias, eps, p, seed, padding_idx)
+        except IndexError:
+            for name, ids, table, table_name in lookups:
+                _check_range(name, ids, table.shape[0], table_name)
+            raise
+        zeros = word.new_zeros(input_ids.numel(), dtype=stats_dtype(out.dtype))
+        return out, zeros, zeros.clone()
+    for name, ids, table, table_name in lookups:
+        _check_range(name, ids, table.shape[0], table_name)
+    ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
+    out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
+        *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
+    return out.view(*input_ids.shape, word.shape[1]), mean, rstd
+
+
+def _bert_dtype(word, position, token_type) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(word.dtype, position.dtype), token_type.dtype)
+
+
+@_bert_embeddings_op.register_fake
+def _(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed,
+      padding_idx):
+    dtype = _bert_dtype(word, position, token_type)
+    rows = input_ids.numel()
+    return (word.new_empty((*input_ids.shape, word.shape[1]), dtype=dtype),
+            word.new_empty(rows, dtype=stats_dtype(dtype)), word.new_empty(rows, dtype=stats_dtype(dtype)))
+
+
+@operator("bert_embeddings_backward")
+def _bert_embeddings_backward_op(
+        grad: torch.Tensor, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+        word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor, ln_weight: torch.Tensor | None,
+        ln_bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, eps: float, p: float,
+        seed: torch.Tensor | None, padding_idx: int, needs_grad: list[bool], backend_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of word, position, token_type, ln_weight, ln_bias (an empty tensor where absent
+    or, for a table, not in ``needs_grad``)."""
+    if backend_name == "torch":
+        grads = recompute_grads(
+            lambda w, pos, typ, lw, lb: _torch_bert_embeddings(
+                input_ids, token_type_ids, position_ids, w, pos, typ, lw, lb, eps, p, seed, padding_idx),
+            (word, position, token_type, ln_weight, ln_bias), (grad,))
+    else:
         ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
-        out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
-            *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
-        ctx.save_for_backward(*ids, word, position, token_type, ln_weight, ln_bias, mean, rstd)
-        ctx.p, ctx.seed, ctx.padding_idx, ctx.eps = p, seed, padding_idx, eps
-        ctx.ln_bias_dtype = None if ln_bias is None else ln_bias.dtype
-        return out.view(*input_ids.shape, word.shape[1])
+        grads = backend.kernels("embedding").bert_embeddings_bwd(
+            grad.reshape(-1, word.shape[1]), *ids, word, position, token_type, ln_weight, mean, rstd, p,
+            seed, _pad_or_none(padding_idx), tuple(needs_grad),
+            None if ln_bias is None else ln_bias.dtype)
+    grads = [g if i >= 3 or need else None for i, (g, need) in enumerate(zip(grads, [*needs_grad, 1, 1]))]
+    return tuple(unaliased([or_empty(g, word) for g in grads], (grad,)))
 
-    @staticmethod
-    def backward(ctx, dout):
-        word_ids, pos_ids, type_ids, word, position, token_type, ln_weight, ln_bias, mean, rstd = (
-            ctx.saved_tensors)
-        needs = ctx.needs_input_grad
-        if recording_backward():
-            keep = dropout_scale_mask((word_ids.numel(), word.shape[1]), ctx.p, ctx.seed, word.device)
 
-            def reference(word, position, token_type, ln_weight, ln_bias):
-                s = (F.embedding(word_ids, word, ctx.padding_idx) + F.embedding(pos_ids, position)
-                     + F.embedding(type_ids, token_type))
-                y = F.layer_norm(s, (word.shape[1],), ln_weight, ln_bias, ctx.eps)
-                return y if keep is None else y * keep
+@_bert_embeddings_backward_op.register_fake
+def _(grad, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, mean,
+      rstd, eps, p, seed, padding_idx, needs_grad, backend_name):
+    tables = [fake_like(t if need else None, word) for t, need in zip((word, position, token_type), needs_grad)]
+    return (*tables, fake_like(ln_weight, word), fake_like(ln_bias, word))
 
-            grads = differentiable_grads(reference, (word, position, token_type, ln_weight, ln_bias),
-                                         needs[3:8], dout.reshape(-1, word.shape[1]))
-            return (None, None, None, *grads, None, None, None, None)
-        d_word, d_pos, d_type, d_ln_w, d_ln_b = backend.kernels("embedding").bert_embeddings_bwd(
-            dout.reshape(-1, word.shape[1]), word_ids, pos_ids, type_ids, word, position, token_type,
-            ln_weight, mean, rstd, ctx.p, ctx.seed, ctx.padding_idx, (needs[3], needs[4], needs[5]),
-            ctx.ln_bias_dtype)
-        return (None, None, None, d_word, d_pos, d_type, d_ln_w, d_ln_b, None, None, None, None)
+
+def _bert_embeddings_setup(ctx, inputs, output):
+    *tensors, eps, p, seed, padding_idx = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*tensors, *output[1:], seed)
+    ctx.args = (eps, p)
+    ctx.padding_idx = padding_idx
+    ctx.backend_name = _bert_path(tensors[3])
+
+
+def _bert_embeddings_grad(ctx, grad, *_stats):
+    *tensors, mean, rstd, seed = ctx.saved_tensors
+    (eps, p), pad = ctx.args, ctx.padding_idx
+    if torch.is_grad_enabled():  # double backward: differentiable PyTorch with the forward's mask
+        grads = recompute_grads(lambda *t: _torch_bert_embeddings(*t, eps, p, seed, pad, ctx.backend_name),
+                                tensors, (grad,), create_graph=True)
+        return (*grads, None, None, None, None)
+    needs = list(ctx.needs_input_grad[3:6])
+    d_word, d_pos, d_type, d_lnw, d_lnb = torch.ops.fastdl.bert_embeddings_backward(
+        grad, *tensors, mean, rstd, eps, p, seed, pad, needs, ctx.backend_name)
+    word, position, token_type, ln_weight, ln_bias = tensors[3:]
+    d_tables = [d if need else None for d, need in zip((d_word, d_pos, d_type), needs)]
+    return (None, None, None, *d_tables, or_none(d_lnw, ln_weight), or_none(d_lnb, ln_bias),
+            None, None, None, None)
+
+
+_bert_embeddings_op.register_autograd(_bert_embeddings_grad, setup_context=_bert_embeddings_setup)
 
 
 def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
@@ -187,22 +327,14 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     as torch's does).
     """
     _check_weight("weight", weight)
-    _check_indices("input", input, weight.shape[0], "weight", values=False)
+    _check_index_dtype("input", input)
     check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
-    if backend.select("embedding", weight) == "torch":
-        # torch checks the range itself (IndexError on CPU, a device-side assert on CUDA); ours
-        # runs only to name the bad index, so a valid call pays nothing for it.
-        try:
-            return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
-        except IndexError:
-            _check_indices("input", input, weight.shape[0], "weight")
-            raise
-    _check_indices("input", input, weight.shape[0], "weight")
     if max_norm is not None:
         with torch.no_grad():  # in place, and invisible to autograd, exactly as torch does it
-            torch.embedding_renorm_(weight, input.contiguous(), float(max_norm), float(norm_type))
-    return EmbeddingFunction.apply(input, weight, pad, bool(scale_grad_by_freq), bool(sparse))
+            torch.ops.fastdl.embedding_renorm_(weight, input, float(max_norm), float(norm_type))
+    return torch.ops.fastdl.embedding(input, weight, -1 if pad is None else pad, bool(scale_grad_by_freq),
+                                      bool(sparse))
 
 
 def _bert_ids(input_ids, token_type_ids, position_ids):
@@ -260,27 +392,17 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
         if t is not None and t.shape[-1] != dim:
             raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
                              f"{tuple(t.shape)}")
+    _check_index_dtype("input_ids", input_ids)
     token_type_ids, position_ids = _bert_ids(input_ids, token_type_ids, position_ids)
-    lookups = (("input_ids", input_ids, word, "word"),
-               ("token_type_ids", token_type_ids, token_type, "token_type"),
-               ("position_ids", position_ids, position, "position"))
-    for name, ids, table, table_name in lookups:
-        _check_indices(name, ids, table.shape[0], table_name, values=False)
+    _check_index_dtype("token_type_ids", token_type_ids)
+    _check_index_dtype("position_ids", position_ids)
     pad = _padding_index(padding_idx, word.shape[0])
-    unsupported = None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}"
-    if backend.select("bert_embeddings", word, unsupported) == "torch":
-        try:  # as in embedding(): torch checks the range, ours only names the bad index
-            x = (F.embedding(input_ids, word, pad) + F.embedding(position_ids, position)
-                 + F.embedding(token_type_ids, token_type))
-        except IndexError:
-            for name, ids, table, table_name in lookups:
-                _check_indices(name, ids, table.shape[0], table_name)
-            raise
-        return F.dropout(F.layer_norm(x, (dim,), ln_weight, ln_bias, eps), p, training)
-    for name, ids, table, table_name in lookups:
-        _check_indices(name, ids, table.shape[0], table_name)
     if not training:
         p = 0.0
     seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else None
-    return BertEmbeddingsFunction.apply(input_ids, token_type_ids, position_ids, word, position,
-                                        token_type, ln_weight, ln_bias, float(eps), p, seed, pad)
+    out = torch.ops.fastdl.bert_embeddings(input_ids, token_type_ids, position_ids, word, position,
+                                           token_type, ln_weight, ln_bias, float(eps), p, seed,
+                                           -1 if pad is None else pad)[0]
+    if autocast_dtype(word) is not None and word.device.type == "cuda":
+        out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
+    return out

@@ -1,12 +1,12 @@
 """Normalisation layers: ``layer_norm``, ``rms_norm`` and ``batch_norm`` (torch.nn.functional
 signatures).
 
-Each public function checks its arguments, asks :mod:`fastdl.backend` which path runs, and either
-calls PyTorch (``torch`` backend) or an autograd Function around the launchers in
-``fastdl.kernels.layer_norm`` / ``fastdl.kernels.batch_norm`` (``triton`` / ``interpret``). The
-Functions save the input, the weight and the per-row (per-channel for batch norm) statistics.
-Double backward works on every path: a backward recorded with ``create_graph=True`` takes its
-gradients from torch's differentiable ops (see ``_double_backward``).
+Each public function checks its arguments and calls its operator, ``torch.ops.fastdl.layer_norm``
+/ ``rms_norm`` / ``batch_norm`` (see :mod:`fastdl.functional._library`), whose implementation runs
+PyTorch (``torch`` backend) or the launchers in ``fastdl.kernels.layer_norm`` /
+``fastdl.kernels.batch_norm`` (``triton`` / ``interpret``). The autograd formulas save the input,
+the weight and the per-row (per-channel for batch norm) statistics. Double backward works on every
+path: a backward recorded with ``create_graph=True`` runs torch's differentiable ops.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from .. import backend
-from ._double_backward import differentiable_grads, recording_backward
+from ._library import (autocast_dtype, fake_like, operator, or_empty, or_none, path,
+                       recompute_grads, stats_dtype)
 from ._validate import as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
 
 
@@ -36,12 +38,6 @@ def _check_norm_args(input, normalized_shape, weight, bias) -> tuple[int, ...]:
     return shape
 
 
-def _rows(input: torch.Tensor, n_dims: int) -> torch.Tensor:
-    """``input`` as (M, N) rows over its last ``n_dims`` dims; not reshape(-1, N), as N may be 0."""
-    lead = input.dim() - n_dims
-    return input.reshape(math.prod(input.shape[:lead]), math.prod(input.shape[lead:]))
-
-
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1)
 
@@ -50,65 +46,159 @@ def _unflat(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor |
     return None if t is None else t.view(like.shape)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """y = LayerNorm(x) on the kernel path; x is viewed as (M, N), N = prod(normalized_shape)."""
+def _rows(input: torch.Tensor, ndim: int) -> int:
+    """How many rows of ``prod(normalized_shape)`` values the input holds."""
+    return math.prod(input.shape[:input.dim() - ndim])
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, n_dims: int, eps: float):
-        x = _rows(input, n_dims)
-        y, mean, rstd = backend.kernels("layer_norm").layer_norm_fwd(x, _flat(weight), _flat(bias), eps)
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
-        ctx.n_dims, ctx.eps = n_dims, eps
-        return y.view(input.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        input, weight, bias, mean, rstd = ctx.saved_tensors
-        if recording_backward():
-            shape = input.shape[input.dim() - ctx.n_dims:]
-            grads = differentiable_grads(lambda x, w, b: F.layer_norm(x, shape, w, b, ctx.eps),
-                                         (input, weight, bias), ctx.needs_input_grad[:3], dy)
-            return (*grads, None, None)
-        x = _rows(input, ctx.n_dims)
+def _as_rows(input: torch.Tensor, ndim: int) -> torch.Tensor:
+    """The input as (M, N), N = prod(normalized_shape) (``-1`` would be ambiguous when M is 0)."""
+    return input.reshape(_rows(input, ndim), math.prod(input.shape[input.dim() - ndim:]))
+
+
+def _torch_layer_norm(input, weight, bias, ndim: int, eps: float):
+    return F.layer_norm(input, input.shape[input.dim() - ndim:], weight, bias, eps)
+
+
+def _torch_rms_norm(input, weight, ndim: int, eps: float | None):
+    return F.rms_norm(input, input.shape[input.dim() - ndim:], weight, eps)
+
+
+@operator("layer_norm")
+def _layer_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   ndim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last ``ndim`` dims -> (out like input, mean (M,), rstd (M,))."""
+    stats = stats_dtype(input.dtype)
+    if path("layer_norm", input) == "torch":
+        out, mean, rstd = torch.native_layer_norm(input, input.shape[input.dim() - ndim:], weight, bias, eps)
+        return out, mean.reshape(-1).to(stats), rstd.reshape(-1).to(stats)
+    x = _as_rows(input, ndim)
+    y, mean, rstd = backend.kernels("layer_norm").layer_norm_fwd(x, _flat(weight), _flat(bias), eps)
+    return y.view(input.shape), mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(input, weight, bias, ndim, eps):
+    rows, stats = _rows(input, ndim), stats_dtype(input.dtype)
+    return (input.new_empty(input.shape), input.new_empty(rows, dtype=stats),
+            input.new_empty(rows, dtype=stats))
+
+
+@operator("layer_norm_backward")
+def _layer_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, ndim: int,
+                            eps: float, backend_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d input, d weight, d bias); an empty tensor for a missing weight or bias."""
+    if backend_name == "torch":
+        dx, dw, db = recompute_grads(_torch_layer_norm, (input, weight, bias, ndim, eps), (grad,))[:3]
+    else:
+        x = _as_rows(input, ndim)
         dx, dw, db = backend.kernels("layer_norm").layer_norm_bwd(
-            dy.reshape(x.shape), x, _flat(weight), mean, rstd, bias is not None)
-        return dx.view(input.shape), _unflat(dw, weight), _unflat(db, bias), None, None
+            grad.reshape(x.shape), x, _flat(weight), mean, rstd, bias is not None)
+        dx, dw, db = dx.view(input.shape), _unflat(dw, weight), _unflat(db, bias)
+    return dx, or_empty(dw, input), or_empty(db, input)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """y = RMSNorm(x) on the kernel path; x is viewed as (M, N), N = prod(normalized_shape)."""
+@_layer_norm_backward_op.register_fake
+def _(grad, input, weight, bias, mean, rstd, ndim, eps, backend_name):
+    return input.new_empty(input.shape), fake_like(weight, input), fake_like(bias, input)
 
-    @staticmethod
-    def forward(ctx, input, weight, n_dims: int, eps: float):
-        x = _rows(input, n_dims)
-        y, rstd = backend.kernels("layer_norm").rms_norm_fwd(x, _flat(weight), eps)
-        ctx.save_for_backward(input, weight, rstd)
-        ctx.n_dims, ctx.eps = n_dims, eps
-        return y.view(input.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        input, weight, rstd = ctx.saved_tensors
-        if recording_backward():
-            shape = input.shape[input.dim() - ctx.n_dims:]
-            grads = differentiable_grads(lambda x, w: F.rms_norm(x, shape, w, ctx.eps),
-                                         (input, weight), ctx.needs_input_grad[:2], dy)
-            return (*grads, None, None)
-        x = _rows(input, ctx.n_dims)
-        dx, dw = backend.kernels("layer_norm").rms_norm_bwd(dy.reshape(x.shape), x, _flat(weight), rstd)
-        return dx.view(input.shape), _unflat(dw, weight), None, None
+def _layer_norm_setup(ctx, inputs, output):
+    input, weight, bias, ndim, eps = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(input, weight, bias, *output[1:])
+    ctx.args = (ndim, eps)
+    ctx.backend_name = path("layer_norm", input)
+
+
+def _layer_norm_grad(ctx, grad, *_stats):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward: differentiable PyTorch
+        dx, dw, db = recompute_grads(_torch_layer_norm, (input, weight, bias, *ctx.args), (grad,),
+                                     create_graph=True)[:3]
+    else:
+        dx, dw, db = torch.ops.fastdl.layer_norm_backward(grad, input, weight, bias, mean, rstd, *ctx.args,
+                                                          ctx.backend_name)
+        dw, db = or_none(dw, weight), or_none(db, bias)
+    return dx, dw, db, None, None
+
+
+_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+@operator("rms_norm")
+def _rms_norm_op(input: torch.Tensor, weight: torch.Tensor | None, ndim: int,
+                 eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last ``ndim`` dims -> (out like input, rstd (M,); zeros on the torch
+    path, whose backward recomputes)."""
+    if path("rms_norm", input) == "torch":
+        rstd = input.new_zeros(_rows(input, ndim), dtype=stats_dtype(input.dtype))
+        return _torch_rms_norm(input, weight, ndim, eps), rstd
+    if eps is None:  # what torch's implementation uses: the computation dtype's epsilon
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    x = _as_rows(input, ndim)
+    y, rstd = backend.kernels("layer_norm").rms_norm_fwd(x, _flat(weight), eps)
+    return y.view(input.shape), rstd
+
+
+@_rms_norm_op.register_fake
+def _(input, weight, ndim, eps):
+    return input.new_empty(input.shape), input.new_empty(_rows(input, ndim), dtype=stats_dtype(input.dtype))
+
+
+@operator("rms_norm_backward")
+def _rms_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
+                          rstd: torch.Tensor, ndim: int, eps: float | None,
+                          backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d input, d weight); an empty tensor for a missing weight."""
+    if backend_name == "torch":
+        dx, dw = recompute_grads(_torch_rms_norm, (input, weight, ndim, eps), (grad,))[:2]
+    else:
+        x = _as_rows(input, ndim)
+        dx, dw = backend.kernels("layer_norm").rms_norm_bwd(grad.reshape(x.shape), x, _flat(weight), rstd)
+        dx, dw = dx.view(input.shape), _unflat(dw, weight)
+    return dx, or_empty(dw, input)
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad, input, weight, rstd, ndim, eps, backend_name):
+    return input.new_empty(input.shape), fake_like(weight, input)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    input, weight, ndim, eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.args = (ndim, eps)
+    ctx.backend_name = path("rms_norm", input)
+
+
+def _rms_norm_grad(ctx, grad, _rstd):
+    input, weight, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        dx, dw = recompute_grads(_torch_rms_norm, (input, weight, *ctx.args), (grad,), create_graph=True)[:2]
+    else:
+        dx, dw = torch.ops.fastdl.rms_norm_backward(grad, input, weight, rstd, *ctx.args, ctx.backend_name)
+        dw = or_none(dw, weight)
+    return dx, dw, None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """Layer normalisation over the trailing ``normalized_shape`` dims, as
     ``torch.nn.functional.layer_norm``. fp16/bf16/fp32/fp64; statistics in float32 (fp64 for fp64).
+    Under CUDA autocast it computes and returns float32, as torch's (layer_norm is on autocast's
+    float32 list there; CPU autocast leaves it alone).
     """
     shape = _check_norm_args(input, normalized_shape, weight, bias)
     check_param_dtypes(input, {"weight": weight, "bias": bias})
-    if backend.select("layer_norm", input) == "torch":
-        return F.layer_norm(input, shape, weight, bias, eps)
-    return LayerNormFunction.apply(input, weight, bias, len(shape), float(eps))
+    if autocast_dtype(input) is not None and input.device.type == "cuda":
+        input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
+    return torch.ops.fastdl.layer_norm(input, weight, bias, len(shape), float(eps))[0]
 
 
 def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -117,11 +207,7 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     torch's implementation uses (not what its docstring says): the epsilon of the computation
     dtype, ``torch.finfo(torch.float32).eps`` for fp16/bf16/fp32 and float64's for float64."""
     shape = _check_norm_args(input, normalized_shape, weight, None)
-    if backend.select("rms_norm", input) == "torch":
-        return F.rms_norm(input, shape, weight, eps)
-    if eps is None:
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    return RMSNormFunction.apply(input, weight, len(shape), float(eps))
+    return torch.ops.fastdl.rms_norm(input, weight, len(shape), None if eps is None else float(eps))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,46 +218,114 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
 _BATCH_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """y = BatchNorm(x) on the kernel path, x: (N, C, *) in any memory format. Updates the running
-    buffers in place in training (they are not differentiable inputs)."""
+def _batch_norm_format(x: torch.Tensor) -> torch.memory_format:
+    """The output's memory format (torch's rule): channels_last for a channels_last input that is
+    not also contiguous, contiguous otherwise."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, momentum: float,
-                eps: float):
-        y, mean, rstd = backend.kernels("batch_norm").batch_norm_fwd(
+
+def _batch_norm_path(input: torch.Tensor) -> str:
+    unsupported = None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
+    return path("batch_norm", input, unsupported)
+
+
+def _torch_batch_norm_of(running_mean, running_var, training: bool, eps: float):
+    """The torch path's forward of (input, weight, bias) as its backward recomputes it: the
+    running buffers are read in evaluation only, never updated."""
+    buffers = (None, None) if training else (running_mean, running_var)
+    return lambda input, weight, bias: F.batch_norm(input, *buffers, weight, bias, training, 0.0, eps)
+
+
+@operator("batch_norm")
+def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                   momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
+    """BatchNorm of (N, C, *) -> (out, mean (C,), rstd (C,), new running mean, new running var).
+
+    Functional (an operator with an autograd formula cannot mutate): the updated running buffers
+    come back as new (C,) tensors in training -- empty otherwise -- and the front copies them in.
+    The statistics are zeros on the torch path (its backward recomputes).
+    """
+    update = training and running_mean is not None
+    if update:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    if _batch_norm_path(input) == "torch":
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        out = out.contiguous(memory_format=_batch_norm_format(input))
+        mean = input.new_zeros(input.shape[1], dtype=stats_dtype(input.dtype))
+        rstd = mean.clone()
+    else:
+        out, mean, rstd = backend.kernels("batch_norm").batch_norm_fwd(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
-        ctx.training, ctx.eps = training, eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+    if not update:
+        running_mean, running_var = input.new_empty(0), input.new_empty(0)
+    return out, mean, rstd, running_mean, running_var
 
-    @staticmethod
-    def _reference(ctx, mean, rstd):
-        """The forward in torch ops: batch statistics in training, the saved running ones in eval."""
-        if ctx.training:
-            return lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
 
-        def eval_norm(x, w, b):
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = (x - mean.view(shape)) * rstd.view(shape)
-            y = y if w is None else y * w.view(shape)
-            return (y if b is None else y + b.view(shape)).to(x.dtype)
-        return eval_norm
+@_batch_norm_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    stats = stats_dtype(input.dtype)
+    update = training and running_mean is not None
+    return (torch.empty_like(input, memory_format=_batch_norm_format(input)),
+            input.new_empty(input.shape[1], dtype=stats), input.new_empty(input.shape[1], dtype=stats),
+            fake_like(running_mean if update else None, input),
+            fake_like(running_var if update else None, input))
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        if recording_backward():
-            grads = differentiable_grads(BatchNormFunction._reference(ctx, mean, rstd), (x, weight, bias),
-                                         ctx.needs_input_grad[:3], dy)
-            return (*grads, None, None, None, None, None)
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx, dw, db = backend.kernels("batch_norm").batch_norm_bwd(
-            dy, x, weight, mean, rstd, ctx.training, need_w or need_b)
-        dw = dw.to(weight.dtype) if need_w else None
-        db = db.to(ctx.bias_dtype) if need_b else None
-        return dx, dw, db, None, None, None, None, None
+
+@operator("batch_norm_backward")
+def _batch_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+                            running_var: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                            training: bool, eps: float, backend_name: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d input, d weight, d bias); an empty tensor for a missing weight or bias."""
+    if backend_name == "torch":
+        dx, dw, db = recompute_grads(_torch_batch_norm_of(running_mean, running_var, training, eps),
+                                     (input, weight, bias), (grad,))
+        return dx, or_empty(dw, input), or_empty(db, input)
+    need = weight is not None or bias is not None
+    dx, dw, db = backend.kernels("batch_norm").batch_norm_bwd(grad, input, weight, mean, rstd, training, need)
+    dw = None if weight is None else dw.to(weight.dtype)
+    db = None if bias is None else db.to(bias.dtype)
+    return dx, or_empty(dw, input), or_empty(db, input)
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad, input, weight, bias, running_mean, running_var, mean, rstd, training, eps, backend_name):
+    dx = torch.empty_like(input, memory_format=_batch_norm_format(input))
+    return dx, fake_like(weight, input), fake_like(bias, input)
+
+
+def _batch_norm_setup(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, momentum, eps = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    # The running buffers are read by the backward only in evaluation, where they do not change.
+    buffers = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(input, weight, bias, *buffers, *output[1:3])
+    ctx.args = (training, eps)
+    ctx.backend_name = _batch_norm_path(input)
+
+
+def _batch_norm_grad(ctx, grad, *_non_differentiable):
+    input, weight, bias, running_mean, running_var, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        dx, dw, db = recompute_grads(_torch_batch_norm_of(running_mean, running_var, *ctx.args),
+                                     (input, weight, bias), (grad,), create_graph=True)
+    else:
+        dx, dw, db = torch.ops.fastdl.batch_norm_backward(grad, input, weight, bias, running_mean,
+                                                          running_var, mean, rstd, *ctx.args,
+                                                          ctx.backend_name)
+        dw, db = or_none(dw, weight), or_none(db, bias)
+    return dx, dw, db, None, None, None, None, None
+
+
+_batch_norm_op.register_autograd(_batch_norm_grad, setup_context=_batch_norm_setup)
 
 
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -221,8 +375,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_param_dtypes(input, {"running_mean": running_mean, "running_var": running_var,
                                "weight": weight, "bias": bias})
-    unsupported = None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
-    if backend.select("batch_norm", input, unsupported=unsupported) == "torch":
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps))
+    out, _, _, new_mean, new_var = torch.ops.fastdl.batch_norm(
+        input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out

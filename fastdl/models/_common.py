@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as TF
+import torch.utils._pytree as pytree
 
 # ---------------------------------------------------------------------------------------------
 # Outputs
@@ -18,7 +19,14 @@ class ModelOutput:
     """Base of the output dataclasses: fields by attribute (``out.logits``), by name
     (``out["logits"]``) or by position over the fields that are not None (``out[0]``), as
     Hugging Face's ``ModelOutput`` does, so code written against ``transformers`` reads the same.
+    Each subclass is a pytree node, so ``torch.export`` and compiled training steps can return it.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls, _flatten_output, lambda values, names: cls(**dict(zip(names, values))),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
     def to_tuple(self) -> tuple:
         """The fields that are not None, in declaration order."""
@@ -39,6 +47,11 @@ class ModelOutput:
 
     def __len__(self) -> int:
         return len(self.to_tuple())
+
+
+def _flatten_output(output: ModelOutput) -> tuple[list, list[str]]:
+    names = [f.name for f in dataclasses.fields(output)]
+    return [getattr(output, name) for name in names], names
 
 
 @dataclasses.dataclass

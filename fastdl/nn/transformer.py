@@ -84,6 +84,9 @@ def _detect_is_causal(mask: torch.Tensor | None, is_causal: bool | None, size: i
     mask of the sequence length; an explicit True/False is taken as given."""
     if is_causal is not None or mask is None:
         return is_causal is True
+    if torch.compiler.is_compiling():
+        # Comparing values would break the graph; the mask applied as given is the same function.
+        return False
     size = size if size is not None else mask.shape[-2]
     reference = _square_subsequent_mask(size, mask.device, mask.dtype)
     return mask.shape == reference.shape and bool((mask == reference).all())

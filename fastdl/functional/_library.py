@@ -1,0 +1,152 @@
+"""How a public function becomes a PyTorch operator, ``torch.ops.fastdl.<name>``.
+
+Each public function is a thin Python front -- argument checks that read shapes and dtypes (never
+values), autocast casts, the dropout seed -- over a ``torch.library.custom_op``:
+
+* the operator's implementation picks the backend (:func:`fastdl.backend.select`) when it runs, so
+  ``torch.compile`` and ``torch.export`` see one opaque ``fastdl`` operator and never the choice
+  (no graph break, whatever backend runs); checks that read index *values* run there too;
+* a fake implementation gives output shapes and dtypes (FakeTensors, meta tensors, export);
+* the autograd formula calls a backward operator, ``torch.ops.fastdl.<name>_backward``, on the
+  backend the forward ran on (recorded when the forward's autograd node is made).
+
+The torch path's backward re-runs the forward in PyTorch under autograd (:func:`recompute_grads`)
+rather than storing its intermediates, and its randomness comes from torch's generator seeded
+with the op's seed (:func:`seeded`), so the backward sees the forward's mask again. When the
+backward itself runs with grad mode on (``create_graph=True``), the formula runs that PyTorch
+recomputation differentiably instead of calling the backward operator: double backward works on
+every backend.
+
+Autocast: torch's autocast lists have no entry for a custom operator (autocast passes it through,
+and its implementation runs with autocast off), so each front casts its arguments as autocast
+casts the torch twin's (:func:`autocast_dtype`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import backend
+
+def operator(name: str, mutates_args: Sequence[str] = ()):
+    """``torch.library.custom_op("fastdl::<name>")``. Its implementation runs below autocast (the
+    dispatcher excludes the autocast keys there), so the front does the casting."""
+    return lambda fn: torch.library.custom_op(f"fastdl::{name}", fn, mutates_args=tuple(mutates_args))
+
+
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype autocast is on for ``tensor``'s device type, else None."""
+    device_type = tensor.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_to(dtype: torch.dtype | None, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` cast as autocast casts an eligible argument (floating, not float64) to
+    ``dtype``; unchanged when ``dtype`` is None or the tensor is not eligible."""
+    if dtype is None or tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
+def path(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
+    """The backend that runs this call of ``op`` (see :func:`fastdl.backend.select`)."""
+    return backend.select(op, tensor, unsupported)
+
+
+def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or for None the empty tensor an operator returns in its place (a schema's tensor
+    outputs cannot be None, e.g. the gradient of an absent bias)."""
+    return like.new_empty(0) if t is None else t
+
+
+def or_none(t: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor | None:
+    """An operator's output back as None where the tensor it stands for is absent."""
+    return t if present is not None else None
+
+
+def fake_like(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Fake output shaped like ``t``, or the empty stand-in for None."""
+    return like.new_empty(0) if t is None else t.new_empty(t.shape)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-row/per-channel statistics: float64 for float64 data, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def seeded(seed: torch.Tensor | None):
+    """Run the enclosed PyTorch code with torch's generator for ``seed``'s device seeded from
+    ``seed`` (a 1-element integer tensor), restoring the generator afterwards: the torch path's
+    randomness is then a function of the seed, as the kernels' is. Reads the seed on the host."""
+    if seed is None:
+        yield
+        return
+    device = seed.device
+    if device.type == "cuda":
+        with torch.random.fork_rng(devices=[device], device_type="cuda"), torch.cuda.device(device):
+            torch.cuda.manual_seed(int(seed))
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed))
+            yield
+
+
+def recompute_grads(fn: Callable, inputs: Sequence, grads: Sequence[torch.Tensor | None],
+                    create_graph: bool = False) -> list[torch.Tensor | None]:
+    """Gradients of ``fn(*inputs)`` (a tensor or tuple of tensors) with respect to the
+    floating-point tensors in ``inputs``, given the outputs' gradients (None for an unused
+    output); None for the other inputs.
+
+    Without ``create_graph`` (inside a backward operator's implementation, below the autograd
+    dispatch key, where ``torch.autograd.grad`` records nothing) ``torch.func.vjp`` differentiates
+    detached inputs. With ``create_graph`` (inside an autograd formula) the inputs that require
+    grad are differentiated by ``torch.autograd.grad`` and the result keeps its history.
+    """
+    def wants(x) -> bool:
+        return isinstance(x, torch.Tensor) and (x.requires_grad if create_graph else x.is_floating_point())
+
+    wanted = [wants(x) for x in inputs]
+    if not any(wanted):
+        return [None] * len(inputs)
+    if create_graph:
+        with torch.enable_grad():
+            outs = fn(*inputs)
+            outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], [x for x, w in zip(inputs, wanted) if w],
+                                        [g for _, g in pairs], allow_unused=True, create_graph=True)
+    else:
+        def call(*primals):
+            it = iter(primals)
+            return fn(*[next(it) if want else x for x, want in zip(inputs, wanted)])
+
+        outs, vjp = torch.func.vjp(call, *[x.detach() for x, want in zip(inputs, wanted) if want])
+        single = isinstance(outs, torch.Tensor)
+        outs = (outs,) if single else tuple(outs)
+        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+        found = unaliased(vjp(grads[0] if single else tuple(grads)), grads)
+    found = iter(found)
+    return [next(found) if want else None for want in wanted]
+
+
+def unaliased(results: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor | None]) -> list:
+    """``results`` with copies where one shares memory with an input or an earlier result (an
+    operator's outputs must not alias: a vjp may hand one gradient to two inputs, a launcher may
+    return slices of one buffer)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    out = []
+    for r in results:
+        if r is not None:
+            ptr = r.untyped_storage().data_ptr()
+            if ptr in seen:
+                r = r.clone()
+            seen.add(r.untyped_storage().data_ptr())
+        out.append(r)
+    return out

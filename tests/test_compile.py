@@ -1,0 +1,279 @@
+"""fastdl's ops as PyTorch operators: ``opcheck``, ``torch.compile(fullgraph=True)``, ``torch.export``.
+
+Every public function is a ``torch.ops.fastdl`` operator with a fake implementation and an
+autograd formula; ``torch.library.opcheck`` checks the registrations on samples that cover masks,
+GQA, dropout, padding_idx and running statistics. Compiled modules and models must trace into ONE
+graph (``fullgraph=True`` raises on any graph break) and compute what eager computes, forward and
+backward, on the torch and interpret backends. ``aot_eager`` runs fastdl's operators as eager
+does, so dropout masks agree too; one Inductor run per model family (without dropout: Inductor
+draws its own random numbers). Tiny sizes throughout.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastdl
+import fastdl.functional as F
+import fastdl.nn as fnn
+from fastdl.models import (BertConfig, BertForMaskedLM, BertModel, Seq2SeqTransformer, ViTConfig,
+                           ViTForImageClassification, ViTModel)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles afresh (dynamo caches per code object, not per backend)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck
+# ---------------------------------------------------------------------------------------------
+
+def _r(*shape, grad=True, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _opcheck_samples():
+    """(operator, args) pairs covering each op's options."""
+    ops = torch.ops.fastdl
+    ids = torch.randint(0, 11, (3, 5))
+    ids[0, :2] = 2  # repeated and padding rows
+    mask_bool = torch.rand(2, 1, 5, 7) > 0.3
+    seed = torch.tensor([1234])
+    yield ops.layer_norm, (_r(3, 5, 7), _r(7), _r(7), 1, 1e-5)
+    yield ops.layer_norm, (_r(3, 5, 7), None, None, 2, 1e-3)
+    yield ops.rms_norm, (_r(3, 5, 7), _r(7), 1, None)
+    yield ops.rms_norm, (_r(4, 6), None, 1, 1e-4)
+    yield ops.batch_norm, (_r(4, 3, 5), _r(3), _r(3), torch.randn(3), torch.rand(3) + 0.5, True, 0.1, 1e-5)
+    yield ops.batch_norm, (_r(4, 3, 5), _r(3), None, torch.randn(3), torch.rand(3) + 0.5, False, 0.1, 1e-5)
+    yield ops.batch_norm, (_r(4, 3, 2, 3).contiguous(memory_format=torch.channels_last), None, None,
+                           None, None, True, 0.1, 1e-5)
+    yield ops.dropout, (_r(5, 7), 0.3, seed)
+    yield ops.dropout_add_layer_norm, (_r(3, 5, 8), _r(3, 5, 8), _r(8), _r(8), 0.2, 1e-5, seed)
+    yield ops.dropout_add_layer_norm, (_r(4, 8), None, None, None, 0.0, 1e-5, None)
+    yield ops.embedding, (ids, _r(11, 6), 2, False, False)
+    yield ops.embedding, (ids, _r(11, 6), -1, True, False)
+    yield ops.embedding_renorm_, (torch.randn(11, 6), ids, 1.0, 2.0)
+    yield ops.bert_embeddings, (ids, torch.randint(0, 2, (3, 5)), torch.arange(5).expand(3, 5), _r(11, 8),
+                                _r(9, 8), _r(2, 8), _r(8), _r(8), 1e-12, 0.1, seed, 0)
+    q, k, v = _r(2, 4, 5, 16), _r(2, 2, 7, 16), _r(2, 2, 7, 16)
+    yield ops.scaled_dot_product_attention, (q, k, v, mask_bool, 0.0, False, None, True, None)
+    yield ops.scaled_dot_product_attention, (q, _r(2, 4, 7, 16), _r(2, 4, 7, 16), _r(5, 7), 0.0, False,
+                                             0.3, False, None)
+    yield ops.scaled_dot_product_attention, (q, k, v, None, 0.2, True, None, True, seed)
+
+
+@pytest.mark.parametrize("index", range(17))
+def test_opcheck(backend, device, index):
+    if backend == "triton":
+        pytest.skip("CPU samples")
+    op, args = list(_opcheck_samples())[index]
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: one graph, eager's results
+# ---------------------------------------------------------------------------------------------
+
+def _grads(params):
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def _assert_same(a, b, what, rtol=1e-5, atol=1e-6):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x is None or y is None:
+            assert x is None and y is None, f"{what}[{i}]: one is None"
+            continue
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def check_compiled(module, *inputs, seed=0, compiler="aot_eager", rtol=1e-5):
+    """module(*inputs) eagerly and compiled with fullgraph=True: same output, same gradients of
+    the floating inputs and parameters (the module's state is copied for each run)."""
+    results = []
+    for compiled in (False, True):
+        m = copy.deepcopy(module)
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        fn = torch.compile(m, backend=compiler, fullgraph=True) if compiled else m
+        torch.manual_seed(seed)
+        out = fn(*xs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+        params = [x for x in xs if x.is_floating_point()] + list(m.parameters())
+        results.append(([out.detach()] + _grads(params), [b.clone() for b in m.buffers()]))
+    (eager, eager_buffers), (comp, comp_buffers) = results
+    _assert_same(comp, eager, "output and gradients", rtol=rtol)
+    _assert_same(comp_buffers, eager_buffers, "buffers", rtol=rtol)
+
+
+class _MHA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = fnn.MultiheadAttention(16, 4, dropout=0.2, batch_first=True)
+
+    def forward(self, x, padding):
+        return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+def _module_cases():
+    x = torch.randn(2, 5, 16)
+    yield "LayerNorm", fnn.LayerNorm(16), (x,)
+    yield "RMSNorm", fnn.RMSNorm([5, 16]), (x,)
+    yield "BatchNorm1d", fnn.BatchNorm1d(5), (x,)
+    yield "BatchNorm2d", fnn.BatchNorm2d(3).eval(), (torch.randn(2, 3, 4, 5),)
+    yield "Dropout", fnn.Dropout(0.3), (x,)
+    yield "Embedding", fnn.Embedding(10, 16, padding_idx=0, max_norm=1.5), (torch.randint(0, 10, (2, 5)),)
+    yield "MultiheadAttention", _MHA(), (x, torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
+    yield "TransformerEncoderLayer", fnn.TransformerEncoderLayer(16, 2, 24, dropout=0.1, batch_first=True), (x,)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _module_cases()])
+def test_compile_modules(backend, device, case):
+    if backend == "triton":
+        pytest.skip("CPU")
+    _, module, inputs = next(c for c in _module_cases() if c[0] == case)
+    check_compiled(module, *inputs)
+
+
+class _Transformer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = fnn.Transformer(16, 2, 1, 1, 24, dropout=0.1, batch_first=True)
+
+    def forward(self, src, tgt):
+        mask = fnn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.model(src, tgt, tgt_mask=mask)  # causality detected from the mask in eager
+
+
+def test_compile_transformer_and_seq2seq(backend, device):
+    if backend == "triton":
+        pytest.skip("CPU")
+    check_compiled(_Transformer(), torch.randn(2, 6, 16), torch.randn(2, 5, 16), rtol=1e-4)
+    s2s = Seq2SeqTransformer(20, 20, d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                             dim_feedforward=24, max_len=16)
+    src, tgt = torch.randint(1, 20, (2, 6)), torch.randint(1, 20, (2, 5))
+    src[1, 4:] = 0  # padding
+    check_compiled(s2s, src, tgt, rtol=1e-4)
+
+
+def _bert_config(dropout):
+    return BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=dropout,
+                      attention_probs_dropout_prob=dropout)
+
+
+def _vit_config(dropout):
+    return ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=3, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
+
+
+def _training_steps(model, batch, compiler, steps=2):
+    """Losses and final parameters of ``steps`` SGD steps, eager or compiled: the model's
+    forward (and loss) and the optimizer step each compile to one graph; the backward is
+    AOTAutograd's compiled backward."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    forward, step = model, opt.step
+    if compiler is not None:
+        forward = torch.compile(model, backend=compiler, fullgraph=True)
+        step = torch.compile(opt.step, backend=compiler)  # torch.optim breaks its own graph (no_grad)
+    losses = []
+    torch.manual_seed(7)
+    for _ in range(steps):
+        loss = forward(**batch).loss
+        loss.backward()
+        step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses + [p.detach().clone() for p in model.parameters()]
+
+
+def _mlm_batch():
+    ids = torch.randint(1, 50, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.where(torch.rand(2, 8) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _image_batch():
+    return dict(pixel_values=torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_compile_training_step(backend, device, family):
+    if backend == "triton":
+        pytest.skip("CPU")
+    make, cfg, batch = ((BertForMaskedLM, _bert_config, _mlm_batch) if family == "bert"
+                        else (ViTForImageClassification, _vit_config, _image_batch))
+    model, batch = make(cfg(0.1)), batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_same(_training_steps(model, batch, "aot_eager"), _training_steps(model, batch, None),
+                     "losses and parameters", rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_compile_training_step_inductor(family):
+    """One Inductor compile per model family (torch backend: CPU code generation is slow enough)."""
+    make, cfg, batch = ((BertForMaskedLM, _bert_config, _mlm_batch) if family == "bert"
+                        else (ViTForImageClassification, _vit_config, _image_batch))
+    model, batch = make(cfg(0.0)), batch()
+    with fastdl.backend.use("torch"):
+        _assert_same(_training_steps(model, batch, "inductor"), _training_steps(model, batch, None),
+                     "losses and parameters", rtol=1e-4, atol=1e-5)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_compile_patched_hf_bert_has_one_graph(backend, device):
+    if backend == "triton":
+        pytest.skip("CPU")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    model = fastdl.patch(transformers.BertModel(config).eval())
+    batch = _mlm_batch()
+    del batch["labels"]
+    explanation = torch._dynamo.explain(model)(**batch)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------------------------
+
+def _fastdl_ops(graph_module) -> set[str]:
+    return {str(n.target).split(".")[1] for n in graph_module.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("fastdl.")}
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_export(backend, device, family):
+    if backend == "triton":
+        pytest.skip("CPU")
+    if family == "bert":
+        model, batch = BertModel(_bert_config(0.1)).eval(), _mlm_batch()
+        del batch["labels"]
+        expected = {"bert_embeddings", "dropout_add_layer_norm", "scaled_dot_product_attention"}
+    else:
+        model, batch = ViTModel(_vit_config(0.1)).eval(), _image_batch()
+        del batch["labels"]
+        expected = {"layer_norm", "scaled_dot_product_attention"}
+    exported = torch.export.export(model, (), batch)
+    assert expected <= _fastdl_ops(exported.graph_module), _fastdl_ops(exported.graph_module)
+    got = exported.module()(**batch)
+    want = model(**batch)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
