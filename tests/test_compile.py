@@ -163,10 +163,12 @@ def test_compile_transformer_and_seq2seq(backend, device):
     check_compiled(s2s, src, tgt, rtol=1e-4)
 
 
-def _bert_config(dropout):
+def _bert_config(dropout, unpad=False):
+    # unpad=False: eager and compiled runs take the same (padded) path, so their dropout masks
+    # match; the automatic choice under compile is tested on its own below.
     return BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=dropout,
-                      attention_probs_dropout_prob=dropout)
+                      attention_probs_dropout_prob=dropout, unpad=unpad)
 
 
 def _vit_config(dropout):
@@ -220,6 +222,24 @@ def test_compile_training_step(backend, device, family):
         warnings.simplefilter("ignore")
         _assert_same(_training_steps(model, batch, "aot_eager"), _training_steps(model, batch, None),
                      "losses and parameters", rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_bert_takes_the_padded_path_with_the_same_real_tokens(backend, device):
+    """Default config (unpad automatic): eager unpads on the kernel path, a compiled model keeps
+    the padded path in one graph; the real tokens' outputs and the MLM loss agree."""
+    if backend == "triton":
+        pytest.skip("CPU")
+    torch.manual_seed(0)
+    model = BertForMaskedLM(_bert_config(0.0, unpad=None)).eval()
+    batch = _mlm_batch()
+    batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    explanation = torch._dynamo.explain(model)(**batch)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    eager = model(**batch)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(compiled.logits[real], eager.logits[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ the padding tokens are dropped right after the embeddings, every layer runs on t
 and the padded (B, S, hidden) layout is restored at the end, with zeros at the padded
 positions. Real tokens get the same values and gradients as in the padded path. Finding the
 tokens (``nonzero`` on the mask) waits for the GPU once per forward, as flash-attn's
-``unpad_input`` does; ``unpad=False`` keeps the padded path and its asynchrony.
+``unpad_input`` does; ``unpad=False`` keeps the padded path and its asynchrony. Under
+``torch.compile`` the default is the padded path (a graph cannot hold the data-dependent token
+count); ``unpad=True`` there breaks the graph at ``nonzero``.
 """
 
 from __future__ import annotations
@@ -287,16 +289,17 @@ class BertLMPredictionHead(torch.nn.Module):
         """Mean cross-entropy of the positions whose label is not -100, from the encoder's
         (B, S, hidden) output, through the fused linear + cross-entropy: no (tokens, vocab) logits.
 
-        On a CPU only the labelled positions go through the transform and the loss. On CUDA every
-        position does, the unlabelled ones skipped by ``ignore_index``: selecting the labelled
-        rows (a boolean-mask gather) would wait for the GPU to count them.
+        Eager on a CPU, only the labelled positions go through the transform and the loss. On CUDA
+        and under torch.compile every position does, the unlabelled ones skipped by
+        ``ignore_index``: selecting the labelled rows (a boolean-mask gather) would wait for the
+        GPU to count them, and a compiled graph cannot hold the data-dependent count.
         """
         x = hidden.reshape(-1, hidden.shape[-1])
         labels = labels.reshape(-1)
         if labels.shape[0] != x.shape[0]:
             raise ValueError(f"labels must have one entry per token ({tuple(hidden.shape[:-1])}), got "
                              f"{labels.shape[0]} in all")
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" and not torch.compiler.is_compiling():
             scored = labels != -100
             x, labels = x[scored], labels[scored]
         weight, bias = self.output_layer()
@@ -386,7 +389,11 @@ class BertModel(BertPreTrainedModel):
     def _unpad(self, mask: torch.Tensor | None, x: torch.Tensor) -> bool:
         if mask is None or self.config.unpad is False:
             return False
-        return bool(self.config.unpad) or fastdl_backend.resolve(x) != "torch"
+        if self.config.unpad:
+            return True
+        # A compiled graph cannot hold the data-dependent token count without a break: under
+        # torch.compile the automatic choice is the padded path.
+        return not torch.compiler.is_compiling() and fastdl_backend.resolve(x) != "torch"
 
 
 class BertForMaskedLM(BertPreTrainedModel):
