@@ -26,6 +26,7 @@ from torch.testing._internal.common_methods_invocations import op_db
 import fastdl
 import fastdl.functional as F
 from fastdl.backend import BackendError
+from fastdl.functional._library import seeded
 from fastdl.functional._random import draw_seed
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
@@ -39,6 +40,10 @@ DOCUMENTED_DIFFERENCES = {
     "forced kernel backend": "a forced `triton`/`interpret` backend raises `BackendError` saying why",
     "dropout stream": "The kernel path's dropout masks come from its own counter-based generator: "
                       "the same distribution as PyTorch's, another random stream.",
+    "torch-path dropout stream": "On the torch backend, fastdl's dropout draws a seed from torch's "
+                                 "generator and runs PyTorch's dropout with a generator seeded from "
+                                 "it: the same distribution, another stream than calling PyTorch "
+                                 "directly.",
 }
 
 # OpInfo name -> (fastdl function, how an OpInfo sample maps onto its arguments).
@@ -146,6 +151,14 @@ def _attention_with_kernel_mask(sample):
     return torch.softmax(s, -1) * keep / (1 - p) @ v
 
 
+def _attention_with_torch_path_stream(sample):
+    """torch's attention with its generator seeded as fastdl's torch path seeds it, for the call
+    after ``torch.manual_seed(SEED)``."""
+    torch.manual_seed(SEED)
+    with seeded(draw_seed(sample.input.device)):
+        return TF.scaled_dot_product_attention(sample.input, *sample.args, **sample.kwargs)
+
+
 def _tolerances(name):
     # atol 2e-4: torch's float32 LayerNorm of a one-element row gives x - mean a rounding error that
     # 1 / sqrt(eps) ~ 316 magnifies (fastdl's is exactly 0 there); OpInfo values reach |x| ~ 9
@@ -197,8 +210,9 @@ def test_opinfo_samples(name, backend, device):
     """Every OpInfo sample input: output, gradients and mutated arguments equal torch's."""
     for i, sample in enumerate(_samples(name, device)):
         reference = lambda s: _torch_result(name, s)  # noqa: E731
-        if backend != "torch" and name.endswith("attention") and sample.kwargs.get("dropout_p", 0.0) > 0:
-            reference = _attention_with_kernel_mask  # torch's own stream differs (documented)
+        if name.endswith("attention") and sample.kwargs.get("dropout_p", 0.0) > 0:
+            # torch's own stream differs (documented) on every path
+            reference = _attention_with_kernel_mask if backend != "torch" else _attention_with_torch_path_stream
         with fastdl.backend.use("torch"):
             theirs = _run(reference, name, sample)
         ours = _run(OPS[name], name, sample)
@@ -312,7 +326,8 @@ def test_double_backward_attention(backend, device):
     def reference(q, k, v, m):
         if backend == "torch":
             torch.manual_seed(SEED)
-            return TF.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.3)
+            with seeded(draw_seed(device)):
+                return TF.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.3)
         torch.manual_seed(SEED)
         keep = fastdl.backend.kernels("dropout").keep_mask((2, 2, 5, 7), 0.3, draw_seed(device), device)
         s = q @ k.transpose(-1, -2) / 4.0 + m
