@@ -58,6 +58,22 @@ def path(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
     return backend.select(op, tensor, unsupported)
 
 
+def eager_torch_path(op: str, tensor: torch.Tensor, unsupported: Callable[[], str | None] | None = None
+                     ) -> bool:
+    """True when this call runs eagerly on the torch path. The front then calls the PyTorch ops the
+    operator would run, itself: no operator dispatch (about 13 us a call) and PyTorch's own
+    autograd instead of the operator's recomputing backward -- same values, same dropout masks.
+    Under ``torch.compile`` / ``torch.export`` it is False without looking at the backend, so
+    graphs always hold the operator. ``unsupported`` (called only when a kernel backend is
+    active) gives the op's reason the kernel cannot take the call, as for :func:`path`."""
+    if torch.compiler.is_compiling():
+        return False
+    name = backend.resolve(tensor)
+    if name == "torch":
+        return True
+    return backend.select(op, tensor, None if unsupported is None else unsupported()) == "torch"
+
+
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``t``, or for None the empty tensor an operator returns in its place (a schema's tensor
     outputs cannot be None, e.g. the gradient of an absent bias)."""
@@ -84,7 +100,7 @@ def seeded(seed: torch.Tensor | None):
     """Run the enclosed PyTorch code with torch's generator for ``seed``'s device seeded from
     ``seed`` (a 1-element integer tensor), restoring the generator afterwards: the torch path's
     randomness is then a function of the seed, as the kernels' is. Reads the seed on the host."""
-    if seed is None:
+    if seed is None or seed.device.type == "meta":  # meta tensors: no values, nothing to seed
         yield
         return
     device = seed.device

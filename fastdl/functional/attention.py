@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (autocast_dtype, autocast_to, fake_like, operator, or_empty, path, recompute_grads,
+from ._library import (autocast_dtype, autocast_to, eager_torch_path, fake_like, operator, or_empty, path, recompute_grads,
                        seeded)
 from ._random import draw_seed
-from ._validate import check_floating, check_same_device
+from ._validate import broadcast, check_floating, check_same_device
 
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,12 +76,10 @@ def _check_broadcast(query, key, value, enable_gqa) -> None:
     """ValueError unless the batch and head dims of query, key and value broadcast together (with
     ``enable_gqa`` the heads are checked by :func:`_check_gqa` instead)."""
     drop = 3 if enable_gqa and query.dim() >= 3 else 2
-    try:
-        torch.broadcast_shapes(query.shape[:-drop], key.shape[:-drop], value.shape[:-drop])
-        torch.broadcast_shapes(key.shape[:-2], value.shape[:-2])
-    except RuntimeError:
+    if (broadcast(query.shape[:-drop], key.shape[:-drop], value.shape[:-drop]) is None
+            or broadcast(key.shape[:-2], value.shape[:-2]) is None):
         raise ValueError(f"the batch and head dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
-                         f"and value {tuple(value.shape)} do not broadcast together") from None
+                         f"and value {tuple(value.shape)} do not broadcast together")
 
 
 def _check_gqa(query, key, value, enable_gqa) -> None:
@@ -115,11 +113,7 @@ def _check_mask_shape(query, key, value, attn_mask) -> None:
     if attn_mask is None or not query.dim() == key.dim() == value.dim() or query.dim() > 4:
         return
     target = _shape_4d(query)[:3] + (key.shape[-2],)
-    try:
-        fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if attn_mask.dim() > 4 or broadcast(attn_mask.shape, target) != target:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(batch, heads, L, S) = {target}")
 
@@ -150,7 +144,10 @@ def _out_shape(query, key, value, enable_gqa) -> tuple[int, ...]:
 def _torch_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool,
                      seed):
     """torch's attention, its dropout drawn from the seed (what the torch path's backward recomputes)."""
-    with seeded(seed if dropout_p > 0.0 else None):
+    if dropout_p == 0.0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              scale=scale, enable_gqa=enable_gqa)
+    with seeded(seed):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
@@ -273,8 +270,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     torch's generator, so ``torch.manual_seed`` reproduces a call). ``enable_gqa``: H a multiple
     of H_kv, query head h reads key/value head h // (H // H_kv). Fully masked rows return 0.
     """
-    if isinstance(query, torch.Tensor):  # attention is on autocast's lower-precision list (CPU, CUDA)
-        cast = autocast_dtype(query)
+    cast = autocast_dtype(query) if isinstance(query, torch.Tensor) else None
+    if cast is not None:  # attention is on autocast's lower-precision list (CPU, CUDA)
         query, key, value, attn_mask = (autocast_to(cast, t) if isinstance(t, torch.Tensor) else t
                                         for t in (query, key, value, attn_mask))
     _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
@@ -283,6 +280,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_mask_shape(query, key, value, attn_mask)
     dropout_p = float(dropout_p)
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
+    if eager_torch_path(_OP, query, lambda: _unsupported(query, key, value, attn_mask, enable_gqa,
+                                                         backend.resolve(query))):
+        return _torch_attention(query, key, value, attn_mask, dropout_p, bool(is_causal), scale, enable_gqa, seed)
     return torch.ops.fastdl.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, bool(is_causal), None if scale is None else float(scale),
         bool(enable_gqa), seed)[0]

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._double_backward import differentiable_grads
-from ._library import (autocast_dtype, fake_like, operator, or_empty, path, recompute_grads, seeded,
-                       stats_dtype)
+from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, path, recompute_grads,
+                       seeded, stats_dtype)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, check_shape
 
@@ -102,7 +102,14 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     check_floating("input", input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    out = torch.ops.fastdl.dropout(input, p, draw_seed(input.device))
+    seed = draw_seed(input.device)
+    if eager_torch_path("dropout", input):  # the operator's mask, recorded by PyTorch's autograd
+        if not inplace:
+            return _torch_dropout(input, p, seed)
+        if input.is_contiguous():  # the layout the operator draws in
+            with seeded(seed):
+                return F.dropout(input, p, True, True)
+    out = torch.ops.fastdl.dropout(input, p, seed)
     return input.copy_(out) if inplace else out
 
 
@@ -273,7 +280,10 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
     if not training:
         p = 0.0
     seed = draw_seed(x.device) if p > 0.0 and x.numel() else None
-    out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
+    if eager_torch_path("dropout_add_layer_norm", x):
+        out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed, "torch")
+    else:
+        out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
     if autocast_dtype(x) is not None and x.device.type == "cuda":
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out, pre

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (autocast_dtype, fake_like, operator, or_empty, or_none, path, recompute_grads,
+from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path, recompute_grads,
                        stats_dtype, unaliased)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, eager_index_check
@@ -189,9 +189,13 @@ def _(weight, input, max_norm, norm_type):
     return None
 
 
-def _bert_path(word: torch.Tensor) -> str:
+def _bert_unsupported(word: torch.Tensor) -> str | None:
     dim = word.shape[1]
-    return path("bert_embeddings", word, None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}")
+    return None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}"
+
+
+def _bert_path(word: torch.Tensor) -> str:
+    return path("bert_embeddings", word, _bert_unsupported(word))
 
 
 def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
@@ -212,6 +216,23 @@ def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, positi
     return torch.ops.fastdl.dropout_backward(x.contiguous(), p, seed, backend_name)
 
 
+def _lookups(input_ids, token_type_ids, position_ids, word, position, token_type):
+    """(argument name, indices, table, table name) of the three lookups."""
+    return (("input_ids", input_ids, word, "word"), ("token_type_ids", token_type_ids, token_type, "token_type"),
+            ("position_ids", position_ids, position, "position"))
+
+
+def _bert_embeddings_torch_path(input_ids, token_type_ids, position_ids, word, position, token_type, *rest):
+    """The torch path's forward; torch checks the index range, ours runs only to name a bad index."""
+    try:
+        return _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, *rest)
+    except IndexError:
+        for name, ids, table, table_name in _lookups(input_ids, token_type_ids, position_ids, word, position,
+                                                     token_type):
+            _check_range(name, ids, table.shape[0], table_name)
+        raise
+
+
 @operator("bert_embeddings")
 def _bert_embeddings_op(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
                         word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor,
@@ -220,20 +241,13 @@ def _bert_embeddings_op(input_ids: torch.Tensor, token_type_ids: torch.Tensor, p
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out input_ids.shape + (D,), mean (M,), rstd (M,)); the statistics are zeros on the torch
     path (its backward recomputes). The index tensors share input_ids' shape."""
-    lookups = (("input_ids", input_ids, word, "word"),
-               ("token_type_ids", token_type_ids, token_type, "token_type"),
-               ("position_ids", position_ids, position, "position"))
     if _bert_path(word) == "torch":
-        try:  # as in embedding: torch checks the range, ours only names the bad index
-            out = _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type,
-                                         ln_weight, ln_bias, eps, p, seed, padding_idx)
-        except IndexError:
-            for name, ids, table, table_name in lookups:
-                _check_range(name, ids, table.shape[0], table_name)
-            raise
+        out = _bert_embeddings_torch_path(input_ids, token_type_ids, position_ids, word, position, token_type,
+                                          ln_weight, ln_bias, eps, p, seed, padding_idx)
         zeros = word.new_zeros(input_ids.numel(), dtype=stats_dtype(out.dtype))
         return out, zeros, zeros.clone()
-    for name, ids, table, table_name in lookups:
+    for name, ids, table, table_name in _lookups(input_ids, token_type_ids, position_ids, word, position,
+                                                 token_type):
         _check_range(name, ids, table.shape[0], table_name)
     ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
     out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
@@ -330,6 +344,12 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     _check_index_dtype("input", input)
     check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
+    if eager_torch_path("embedding", weight):
+        try:  # torch checks the range itself; ours runs only to name the bad index
+            return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
+        except IndexError:
+            _check_range("input", input, weight.shape[0], "weight")
+            raise
     if max_norm is not None:
         with torch.no_grad():  # in place, and invisible to autograd, exactly as torch does it
             torch.ops.fastdl.embedding_renorm_(weight, input, float(max_norm), float(norm_type))
@@ -400,9 +420,12 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     if not training:
         p = 0.0
     seed = draw_seed(word.device) if p > 0.0 and input_ids.numel() else None
-    out = torch.ops.fastdl.bert_embeddings(input_ids, token_type_ids, position_ids, word, position,
-                                           token_type, ln_weight, ln_bias, float(eps), p, seed,
-                                           -1 if pad is None else pad)[0]
+    args = (input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias,
+            float(eps), p, seed, -1 if pad is None else pad)
+    if eager_torch_path("bert_embeddings", word, lambda: _bert_unsupported(word)):
+        out = _bert_embeddings_torch_path(*args)
+    else:
+        out = torch.ops.fastdl.bert_embeddings(*args)[0]
     if autocast_dtype(word) is not None and word.device.type == "cuda":
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (autocast_dtype, fake_like, operator, or_empty, or_none, path,
+from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path,
                        recompute_grads, stats_dtype)
 from ._validate import as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
 
@@ -198,6 +198,8 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     check_param_dtypes(input, {"weight": weight, "bias": bias})
     if autocast_dtype(input) is not None and input.device.type == "cuda":
         input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
+    if eager_torch_path("layer_norm", input):
+        return F.layer_norm(input, shape, weight, bias, eps)
     return torch.ops.fastdl.layer_norm(input, weight, bias, len(shape), float(eps))[0]
 
 
@@ -207,6 +209,8 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     torch's implementation uses (not what its docstring says): the epsilon of the computation
     dtype, ``torch.finfo(torch.float32).eps`` for fp16/bf16/fp32 and float64's for float64."""
     shape = _check_norm_args(input, normalized_shape, weight, None)
+    if eager_torch_path("rms_norm", input):
+        return F.rms_norm(input, shape, weight, eps)
     return torch.ops.fastdl.rms_norm(input, weight, len(shape), None if eps is None else float(eps))[0]
 
 
@@ -229,9 +233,12 @@ def _batch_norm_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _batch_norm_unsupported(input: torch.Tensor) -> str | None:
+    return None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
+
+
 def _batch_norm_path(input: torch.Tensor) -> str:
-    unsupported = None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
-    return path("batch_norm", input, unsupported)
+    return path("batch_norm", input, _batch_norm_unsupported(input))
 
 
 def _torch_batch_norm_of(running_mean, running_var, training: bool, eps: float):
@@ -375,6 +382,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_param_dtypes(input, {"running_mean": running_mean, "running_var": running_var,
                                "weight": weight, "bias": bias})
+    if eager_torch_path("batch_norm", input, lambda: _batch_norm_unsupported(input)):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     out, _, _, new_mean, new_var = torch.ops.fastdl.batch_norm(
         input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if training and running_mean is not None:
