@@ -64,3 +64,17 @@ def device(backend):
 def _fresh_seed(request):
     """Fresh but reproducible random inputs per test (seeded by the test's id)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def attention_masks(monkeypatch):
+    """The attn_mask of every fastdl.functional.scaled_dot_product_attention call."""
+    masks = []
+    real = fastdl.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
+    return masks

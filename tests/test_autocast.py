@@ -65,7 +65,8 @@ def _module_pair(name):
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(2, 6, D)
     if name == "MultiheadAttention":
-        return (lambda: ours(x, x, x, need_weights=False)[0]), (lambda: reference(x, x, x, need_weights=False)[0])
+        return ((lambda: ours(x, x, x, need_weights=False)[0]),
+                (lambda: reference(x, x, x, need_weights=False)[0]))
     return (lambda: ours(x)), (lambda: reference(x))
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import fastdl
-import fastdl.functional as F
 import fastdl.nn as fnn
 from fastdl.models import (BertConfig, BertForMaskedLM, BertModel, Seq2SeqTransformer, ViTConfig,
                            ViTForImageClassification, ViTModel)
@@ -91,7 +90,7 @@ def _assert_same(a, b, what, rtol=1e-5, atol=1e-6):
         if x is None or y is None:
             assert x is None and y is None, f"{what}[{i}]: one is None"
             continue
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
 def check_compiled(module, *inputs, seed=0, compiler="aot_eager", rtol=1e-5):
@@ -131,7 +130,8 @@ def _module_cases():
     yield "Dropout", fnn.Dropout(0.3), (x,)
     yield "Embedding", fnn.Embedding(10, 16, padding_idx=0, max_norm=1.5), (torch.randint(0, 10, (2, 5)),)
     yield "MultiheadAttention", _MHA(), (x, torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
-    yield "TransformerEncoderLayer", fnn.TransformerEncoderLayer(16, 2, 24, dropout=0.1, batch_first=True), (x,)
+    yield ("TransformerEncoderLayer", fnn.TransformerEncoderLayer(16, 2, 24, dropout=0.1, batch_first=True),
+           (x,))
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _module_cases()])
@@ -260,7 +260,8 @@ transformers = pytest.importorskip("transformers")
 def test_compile_patched_hf_bert_has_one_graph(backend, device):
     if backend == "triton":
         pytest.skip("CPU")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16)
     model = fastdl.patch(transformers.BertModel(config).eval())
     batch = _mlm_batch()

@@ -212,7 +212,8 @@ def test_opinfo_samples(name, backend, device):
         reference = lambda s: _torch_result(name, s)  # noqa: E731
         if name.endswith("attention") and sample.kwargs.get("dropout_p", 0.0) > 0:
             # torch's own stream differs (documented) on every path
-            reference = _attention_with_kernel_mask if backend != "torch" else _attention_with_torch_path_stream
+            reference = (_attention_with_kernel_mask if backend != "torch"
+                         else _attention_with_torch_path_stream)
         with fastdl.backend.use("torch"):
             theirs = _run(reference, name, sample)
         ours = _run(OPS[name], name, sample)
@@ -267,20 +268,25 @@ def test_double_backward_norms_and_embedding(backend, device):
     if backend == "triton":
         pytest.skip("float64 gradgradcheck runs on the CPU backends")
     x, w, b = _f64(3, 5, device=device), _f64(5, device=device), _f64(5, device=device)
-    assert torch.autograd.gradgradcheck(lambda x, w, b: F.layer_norm(x, (5,), w, b), (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: F.layer_norm(x, (5,), w, b), (x, w, b),
+                                        fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda x, w: F.rms_norm(x, (5,), w), (x, w), fast_mode=True)
     xb, wb, bb = _f64(4, 3, 2, device=device), _f64(3, device=device), _f64(3, device=device)
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
-    assert torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), (xb, wb, bb), fast_mode=True)
-    assert torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False), (xb, wb, bb), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), (xb, wb, bb),
+                                        fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False), (xb, wb, bb),
+                                        fast_mode=True)
     table, idx = _f64(7, 4, device=device), torch.tensor([[1, 3, 3], [6, 0, 1]])
-    assert torch.autograd.gradgradcheck(lambda t: F.embedding(idx, t, padding_idx=0), (table,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda t: F.embedding(idx, t, padding_idx=0), (table,),
+                                        fast_mode=True)
 
 
 def test_double_backward_fused_ops(backend, device):
     if backend == "triton":
         pytest.skip("float64 gradgradcheck runs on the CPU backends")
-    x, r, w, b = _f64(4, 6, device=device), _f64(4, 6, device=device), _f64(6, device=device), _f64(6, device=device)
+    x, r = _f64(4, 6, device=device), _f64(4, 6, device=device)
+    w, b = _f64(6, device=device), _f64(6, device=device)
 
     def add_norm(x, r, w, b):
         torch.manual_seed(5)
@@ -353,7 +359,8 @@ def test_empty_normalized_shape_raises(backend, device):
 def test_degenerate_shapes_match_torch(backend, device):
     """Size-0 normalised dims, attention with head dim 0 (uniform weights) and with zero heads."""
     x = torch.randn(3, 0, device=device)
-    for ours, theirs in ((F.layer_norm(x, (0,)), TF.layer_norm(x, (0,))), (F.rms_norm(x, (0,)), TF.rms_norm(x, (0,)))):
+    for ours, theirs in ((F.layer_norm(x, (0,)), TF.layer_norm(x, (0,))),
+                         (F.rms_norm(x, (0,)), TF.rms_norm(x, (0,)))):
         assert ours.shape == theirs.shape == (3, 0)
     for q, k, v in (((2, 3, 5, 0), (2, 3, 4, 0), (2, 3, 4, 6)), ((2, 0, 5, 8), (2, 0, 4, 8), (2, 0, 4, 6))):
         q, k, v = (torch.randn(s, device=device, requires_grad=True) for s in (q, k, v))
@@ -386,7 +393,8 @@ def test_mixed_parameter_dtypes_torch_rejects(backend, device):
         with pytest.raises(TypeError, match="dtype"):
             F.layer_norm(x, (6,), **params)
     xb = torch.randn(4, 6, 3, device=device)
-    rm, rv = torch.zeros(6, dtype=torch.float64, device=device), torch.ones(6, dtype=torch.float64, device=device)
+    rm = torch.zeros(6, dtype=torch.float64, device=device)
+    rv = torch.ones(6, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError):
         TF.batch_norm(xb, rm, rv, training=True)
     with pytest.raises(TypeError, match="running_mean"):
@@ -403,7 +411,8 @@ def _meta_calls():
         "rms_norm": lambda: F.rms_norm(m(2, 5, 8), (8,), m(8)),
         "batch_norm": lambda: F.batch_norm(m(4, 3, 5), m(3), m(3), m(3), m(3), True),
         "dropout": lambda: F.dropout(m(2, 5, 8), 0.3),
-        "dropout_add_layer_norm": lambda: F.dropout_add_layer_norm(m(2, 5, 8), m(2, 5, 8), m(8), m(8), 0.1)[0],
+        "dropout_add_layer_norm": lambda: F.dropout_add_layer_norm(m(2, 5, 8), m(2, 5, 8), m(8), m(8),
+                                                                   0.1)[0],
         "embedding": lambda: F.embedding(ids, m(11, 8)),
         "bert_embeddings": lambda: F.bert_embeddings(ids, None, None, m(11, 8), m(6, 8), m(2, 8), m(8), m(8),
                                                      1e-12, 0.1, True),
@@ -451,8 +460,8 @@ def test_fp16_attention_dropout_gradient_within_twice_plain_fp16_arithmetic(back
         pytest.skip("the torch path is PyTorch's own fp16 arithmetic")
     for (q_shape, k_shape, p) in [((4, 3, 8), (4, 3, 8), 0.5), ((2, 4, 17, 16), (2, 4, 23, 16), 0.5),
                                   ((1, 2, 33, 64), (1, 2, 45, 64), 0.3)]:
-        for trial in range(3):
-            q, k, v = torch.randn(q_shape, device=device), torch.randn(k_shape, device=device), torch.randn(k_shape, device=device)
+        for _ in range(3):
+            q, k, v = (torch.randn(shape, device=device) for shape in (q_shape, k_shape, k_shape))
             do = torch.randn(q_shape, device=device)
             torch.manual_seed(SEED)
             L4 = (1,) * (4 - q.dim()) + tuple(q.shape[:-1]) + (k.shape[-2],)

@@ -57,20 +57,6 @@ def compare(patched, reference, run, device):
             assert_close(f"grad {name}", p.grad.cpu(), ref_params[name].grad, rtol=RTOL)
 
 
-@pytest.fixture
-def attention_calls(monkeypatch):
-    """Counts calls of fastdl.functional.scaled_dot_product_attention."""
-    calls = []
-    real = fastdl.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
-    return calls
-
-
 # ---------------------------------------------------------------------------------------------
 # A plain torch model
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +180,7 @@ def run_bert(model, device):
     return (out.logits,), out.loss
 
 
-def test_hf_bert_classifier(backend, device, attention_calls, capsys):
+def test_hf_bert_classifier(backend, device, attention_masks, capsys):
     model = hf_bert().to(device)
     reference = copy.deepcopy(model).double().cpu()
     reference.set_attn_implementation("eager")
@@ -203,7 +189,7 @@ def test_hf_bert_classifier(backend, device, attention_calls, capsys):
     assert model.config._attn_implementation == "fastdl"
     assert len(fastdl_modules(model)) == n_torch > 0 and not torch_modules(model)
     compare(model, reference, run_bert, device)
-    assert len(attention_calls) == 1 and attention_calls[0] is not None  # one layer, padded batch
+    assert len(attention_masks) == 1 and attention_masks[0] is not None  # one layer, padded batch
     assert capsys.readouterr().out == ""
 
 
@@ -220,7 +206,7 @@ def run_vit(model, device):
     return (out.logits,), out.loss
 
 
-def test_hf_vit_classifier(backend, device, attention_calls):
+def test_hf_vit_classifier(backend, device, attention_masks):
     config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
                                     num_attention_heads=4, intermediate_size=37, num_labels=3)
     model = noisy(transformers.ViTForImageClassification(config)).eval().to(device)
@@ -230,7 +216,7 @@ def test_hf_vit_classifier(backend, device, attention_calls):
     fastdl.patch(model)
     assert len(fastdl_modules(model)) == n_torch > 0
     compare(model, reference, run_vit, device)
-    assert attention_calls == [None]  # no padding: no mask
+    assert attention_masks == [None]  # no padding: no mask
 
 
 def _sdpa_reference():
@@ -290,7 +276,7 @@ def run_causal_lm(model, device):
     return (logits,), (logits * weights).sum()
 
 
-def test_llama_rms_norms_are_swapped_and_reported(backend, device, attention_calls, capsys):
+def test_llama_rms_norms_are_swapped_and_reported(backend, device, attention_masks, capsys):
     model = tiny_llama().to(device)
     reference = copy.deepcopy(model).double().cpu()
     norms = [name for name, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
@@ -307,7 +293,7 @@ def test_llama_rms_norms_are_swapped_and_reported(backend, device, attention_cal
     table = capsys.readouterr().out
     assert "LlamaRMSNorm" in table and "fastdl.nn.RMSNorm" in table and " 5 " in table
     compare(model, reference, run_causal_lm, device)
-    assert len(attention_calls) == 2
+    assert len(attention_masks) == 2
 
 
 def test_t5_layer_norms_are_swapped():

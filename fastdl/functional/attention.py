@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (autocast_dtype, autocast_to, eager_torch_path, fake_like, operator, or_empty, path, recompute_grads,
+from ._library import (autocast_dtype, autocast_to, eager_torch_path, fake_like, operator, or_empty, path,
+                       recompute_grads,
                        seeded)
 from ._random import draw_seed
 from ._validate import broadcast, check_floating, check_same_device
@@ -211,7 +212,8 @@ def _attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.T
         dq, dk, dv = (g.contiguous() for g in (dq, dk, dv))  # the fake's layout, as the kernels'
     else:
         dq, dk, dv, dmask = backend.kernels("attention").attention_bwd(
-            _as_4d(grad), _as_4d(query), _as_4d(key), _as_4d(value), _as_4d(out), lse.view(_shape_4d(out)[:3]),
+            _as_4d(grad), _as_4d(query), _as_4d(key), _as_4d(value), _as_4d(out),
+            lse.view(_shape_4d(out)[:3]),
             attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
         dq, dk, dv = dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
     return dq, dk, dv, or_empty(dmask if mask_grad else None, query)
@@ -282,7 +284,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
     if eager_torch_path(_OP, query, lambda: _unsupported(query, key, value, attn_mask, enable_gqa,
                                                          backend.resolve(query))):
-        return _torch_attention(query, key, value, attn_mask, dropout_p, bool(is_causal), scale, enable_gqa, seed)
+        return _torch_attention(query, key, value, attn_mask, dropout_p, bool(is_causal), scale, enable_gqa,
+                                seed)
     return torch.ops.fastdl.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, bool(is_causal), None if scale is None else float(scale),
         bool(enable_gqa), seed)[0]
@@ -392,7 +395,8 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                   dropout_p: float, is_causal: bool, scale: float | None,
-                                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  seed: torch.Tensor | None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path, recompute_grads,
+from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path,
+                       recompute_grads,
                        stats_dtype, unaliased)
 from ._random import draw_seed
 from ._validate import check_floating, check_same_device, eager_index_check
@@ -110,7 +111,8 @@ def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, s
         # torch checks the range itself (IndexError on CPU, a device-side assert on CUDA); ours
         # runs only to name the bad index, so a valid call pays nothing for it.
         try:
-            return F.embedding(input, weight, _pad_or_none(padding_idx), None, 2.0, scale_grad_by_freq, sparse)
+            return F.embedding(input, weight, _pad_or_none(padding_idx), None, 2.0, scale_grad_by_freq,
+                               sparse)
         except IndexError:
             _check_range("input", input, weight.shape[0], "weight")
             raise
@@ -176,7 +178,8 @@ _embedding_op.register_autograd(_embedding_grad, setup_context=_embedding_setup)
 
 
 @operator("embedding_renorm_", mutates_args=("weight",))
-def _embedding_renorm_op(weight: torch.Tensor, input: torch.Tensor, max_norm: float, norm_type: float) -> None:
+def _embedding_renorm_op(weight: torch.Tensor, input: torch.Tensor, max_norm: float,
+                         norm_type: float) -> None:
     """Rescale, in place, the rows of ``weight`` that ``input`` looks up to norm <= max_norm
     (``torch.embedding_renorm_``), after checking the indices (a bad one would write out of
     bounds)."""
@@ -199,7 +202,8 @@ def _bert_path(word: torch.Tensor) -> str:
 
 
 def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
-                           ln_bias, eps: float, p: float, seed, padding_idx: int, backend_name: str = "torch"):
+                           ln_bias, eps: float, p: float, seed, padding_idx: int,
+                           backend_name: str = "torch"):
     """The block in PyTorch, the dropout mask being ``backend_name``'s for ``seed``: the torch
     path's forward and what its backward recomputes, and the differentiable recomputation for
     double backward."""
@@ -218,14 +222,16 @@ def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, positi
 
 def _lookups(input_ids, token_type_ids, position_ids, word, position, token_type):
     """(argument name, indices, table, table name) of the three lookups."""
-    return (("input_ids", input_ids, word, "word"), ("token_type_ids", token_type_ids, token_type, "token_type"),
+    return (("input_ids", input_ids, word, "word"),
+            ("token_type_ids", token_type_ids, token_type, "token_type"),
             ("position_ids", position_ids, position, "position"))
 
 
 def _bert_embeddings_torch_path(input_ids, token_type_ids, position_ids, word, position, token_type, *rest):
     """The torch path's forward; torch checks the index range, ours runs only to name a bad index."""
     try:
-        return _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, *rest)
+        return _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type,
+                                      *rest)
     except IndexError:
         for name, ids, table, table_name in _lookups(input_ids, token_type_ids, position_ids, word, position,
                                                      token_type):
@@ -295,7 +301,8 @@ def _bert_embeddings_backward_op(
 @_bert_embeddings_backward_op.register_fake
 def _(grad, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, mean,
       rstd, eps, p, seed, padding_idx, needs_grad, backend_name):
-    tables = [fake_like(t if need else None, word) for t, need in zip((word, position, token_type), needs_grad)]
+    tables = [fake_like(t if need else None, word)
+              for t, need in zip((word, position, token_type), needs_grad)]
     return (*tables, fake_like(ln_weight, word), fake_like(ln_bias, word))
 
 

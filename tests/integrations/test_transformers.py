@@ -94,20 +94,6 @@ def run(model, name, device, autocast=False):
     return out, (out * weights).sum()
 
 
-@pytest.fixture
-def attention_masks(monkeypatch):
-    """The attn_mask of every fastdl.functional.scaled_dot_product_attention call."""
-    masks = []
-    real = fastdl.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        masks.append(kwargs.get("attn_mask"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
-    return masks
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_the_models_sdpa(name, backend, device, attention_masks):
     model, reference = build(name)
