@@ -120,6 +120,16 @@ def _why_not(name: str, tensor: torch.Tensor) -> str | None:
 _resolved: dict[tuple, str] = {}
 
 
+def _device_type(tensor: torch.Tensor) -> str:
+    """``tensor.device.type``; the is_cpu / is_cuda flags answer the common cases without building
+    a torch.device and its type string."""
+    if tensor.is_cpu:
+        return "cpu"
+    if tensor.is_cuda:
+        return "cuda"
+    return tensor.device.type
+
+
 def resolve(tensor: torch.Tensor) -> str:
     """The backend a fastdl call on ``tensor`` will use.
 
@@ -127,12 +137,21 @@ def resolve(tensor: torch.Tensor) -> str:
     this tensor.
     """
     override = _override.get()
-    env = os.environ.get(ENV_VAR)
-    if override == "torch" or (override is None and env is not None and env.strip().lower() == "torch"):
-        return "torch"  # the common forced case, answered before any other lookup
-    # Once the kernels are imported, TRITON_INTERPRET no longer matters (their mode is fixed).
-    kernels_mode = True if "fastdl.kernels.utils" in sys.modules else os.environ.get("TRITON_INTERPRET")
-    key = (override, env, kernels_mode, tensor.device.type)
+    if override == "torch":
+        return "torch"  # fast path: use("torch") decides before the environment is read (~0.7 us)
+    if override is None:
+        env = os.environ.get(ENV_VAR)
+        if env is not None and env.strip().lower() == "torch":
+            return "torch"  # the common forced case, answered before any other lookup
+    else:
+        env = None  # a use() override wins over FASTDL_BACKEND (see requested()): not read
+    # Once the kernels are imported, TRITON_INTERPRET no longer matters (their mode is fixed);
+    # without Triton it never does.
+    if "fastdl.kernels.utils" in sys.modules:
+        kernels_mode = True
+    else:
+        kernels_mode = os.environ.get("TRITON_INTERPRET") if triton_available() else False
+    key = (override, env, kernels_mode, _device_type(tensor))
     name = _resolved.get(key)
     if name is None:
         name = _resolved[key] = _resolve(tensor)  # not cached when it raises

@@ -12,7 +12,8 @@ values), autocast casts, the dropout seed -- over a ``torch.library.custom_op``:
 
 The torch path's backward re-runs the forward in PyTorch under autograd (:func:`recompute_grads`)
 rather than storing its intermediates, and its randomness comes from torch's generator seeded
-with the op's seed (:func:`seeded`), so the backward sees the forward's mask again. When the
+with the op's seed (:func:`seeded`; CPU dropout draws the same from a private generator in that
+state, :func:`seeded_cpu_generator`), so the backward sees the forward's mask again. When the
 backward itself runs with grad mode on (``create_graph=True``), the formula runs that PyTorch
 recomputation differentiably instead of calling the backward operator: double backward works on
 every backend.
@@ -25,11 +26,15 @@ casts the torch twin's (:func:`autocast_dtype`).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import backend
+
+_CPU = torch.device("cpu")
+
 
 def operator(name: str, mutates_args: Sequence[str] = ()):
     """``torch.library.custom_op("fastdl::<name>")``. Its implementation runs below autocast (the
@@ -39,8 +44,15 @@ def operator(name: str, mutates_args: Sequence[str] = ()):
 
 def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     """The lower-precision dtype autocast is on for ``tensor``'s device type, else None."""
-    device_type = tensor.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+    # Not device.type, which builds a string on every call. (Compiled fronts trace this: a device
+    # and is_cuda fold to constants there, is_cpu would be recorded in the graph.)
+    if tensor.device == _CPU:
+        device_type = "cpu"
+    elif tensor.is_cuda:
+        device_type = "cuda"
+    else:
+        return None
+    if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -100,18 +112,43 @@ def seeded(seed: torch.Tensor | None):
     """Run the enclosed PyTorch code with torch's generator for ``seed``'s device seeded from
     ``seed`` (a 1-element integer tensor), restoring the generator afterwards: the torch path's
     randomness is then a function of the seed, as the kernels' is. Reads the seed on the host."""
-    if seed is None or seed.device.type == "meta":  # meta tensors: no values, nothing to seed
+    if seed is None or seed.is_meta:  # meta tensors: no values, nothing to seed
         yield
         return
-    device = seed.device
-    if device.type == "cuda":
+    if seed.is_cuda:
+        device = seed.device
         with torch.random.fork_rng(devices=[device], device_type="cuda"), torch.cuda.device(device):
             torch.cuda.manual_seed(int(seed))
             yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(seed))
-            yield
+        return
+    # What fork_rng(devices=[]) saves and restores (the CPU generator's state), without its ~5 us
+    # of accelerator and device bookkeeping.
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(int(seed))
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+class _PrivateGenerators(threading.local):
+    """One CPU generator per thread, private to fastdl (seeding it leaves torch's alone)."""
+
+    def __init__(self):
+        self.cpu = torch.Generator()
+
+
+_private = _PrivateGenerators()
+
+
+def seeded_cpu_generator(seed: torch.Tensor) -> torch.Generator:
+    """A CPU generator in the state torch's default generator is in after ``manual_seed(seed)``:
+    it draws what the default generator would under :func:`seeded`, without saving and restoring
+    the default generator's state. One per thread; reseeded at each call. Reads the seed."""
+    generator = _private.cpu
+    generator.manual_seed(int(seed))
+    return generator
 
 
 def recompute_grads(fn: Callable, inputs: Sequence, grads: Sequence[torch.Tensor | None],

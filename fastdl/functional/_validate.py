@@ -17,6 +17,23 @@ def check_floating(name: str, tensor: torch.Tensor | None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
+_CPU = torch.device("cpu")
+
+
+def all_cpu(*tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor (None skipped) is on the CPU: they then share its one device. A
+    cheap test for the common case; callers run :func:`check_same_device` when it is False, for its
+    error or for other devices. (``device == _CPU`` rather than ``is_cpu``: torch.compile folds a
+    device to a constant but would record each ``is_cpu`` read in its graph.)"""
+    try:
+        for t in tensors:
+            if t is not None and t.device != _CPU:
+                return False
+    except AttributeError:  # not a tensor: check_same_device reports it as it always has
+        return False
+    return True
+
+
 def check_same_device(reference: str, tensors: dict[str, torch.Tensor | None]) -> None:
     """ValueError unless every given tensor sits on the device of ``tensors[reference]``."""
     device = tensors[reference].device
@@ -28,13 +45,19 @@ def check_same_device(reference: str, tensors: dict[str, torch.Tensor | None]) -
 
 def check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
     """ValueError unless ``tensor`` (if given) has exactly ``shape``."""
-    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+    if tensor is not None and tensor.shape != tuple(shape):  # torch.Size compares as a tuple
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
 def check_param_dtypes(input: torch.Tensor, params: dict[str, torch.Tensor | None]) -> None:
     """TypeError unless the given parameters share one dtype that is ``input``'s, or float32 for an
     fp16/bf16 input (autocast's mix) -- the combinations torch's layer and batch norm accept."""
+    dtype = input.dtype
+    for t in params.values():
+        if t is not None and t.dtype != dtype:
+            break
+    else:
+        return  # fast path: every parameter has the input's dtype
     given = {name: t.dtype for name, t in params.items() if t is not None}
     dtypes = set(given.values())
     if not dtypes:
@@ -50,8 +73,12 @@ def as_shape(name: str, shape) -> tuple[int, ...]:
     """An int or a sequence of ints as a tuple, else TypeError naming ``name``."""
     if isinstance(shape, int):
         return (shape,)
-    if isinstance(shape, (torch.Size, tuple, list)) and all(isinstance(s, int) for s in shape):
-        return tuple(shape)
+    if isinstance(shape, (torch.Size, tuple, list)):
+        for s in shape:  # a loop, not all(<generator>): this runs on every norm call
+            if not isinstance(s, int):
+                break
+        else:
+            return tuple(shape)
     raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
 
 

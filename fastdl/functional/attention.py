@@ -29,17 +29,21 @@ from ._library import (autocast_dtype, autocast_to, eager_torch_path, fake_like,
                        recompute_grads,
                        seeded)
 from ._random import draw_seed
-from ._validate import broadcast, check_floating, check_same_device
+from ._validate import all_cpu, broadcast, check_floating, check_same_device
 
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # kernels.attention.MAX_HEAD_DIM (kept here so the torch path needs no Triton)
 
 
-def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        check_floating(name, t)
-    check_same_device("query", {"query": query, "key": key, "value": value, "attn_mask": attn_mask})
+def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> tuple[torch.Size, ...]:
+    """TypeError / ValueError naming the bad argument; returns the shapes of query, key and value
+    (read once: each ``.shape`` builds a new torch.Size)."""
+    check_floating("query", query)
+    check_floating("key", key)
+    check_floating("value", value)
+    if not all_cpu(query, key, value, attn_mask):
+        check_same_device("query", {"query": query, "key": key, "value": value, "attn_mask": attn_mask})
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, key and value must have the same dtype, got {query.dtype}, {key.dtype} "
                         f"and {value.dtype}")
@@ -55,32 +59,41 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> No
         if is_causal:
             raise ValueError("attn_mask and is_causal=True cannot be combined; fold the causal mask "
                              "into attn_mask")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    # type(...) is float first: the fast path for the common value (isinstance of an ABC costs more)
+    if type(dropout_p) is not float and (isinstance(dropout_p, bool)
+                                         or not isinstance(dropout_p, numbers.Real)):
         raise TypeError(f"dropout_p must be a number, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be between 0 and 1, got {dropout_p}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+    if scale is not None and type(scale) is not float and (isinstance(scale, bool)
+                                                           or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., length, head dim), got shape "
-                             f"{tuple(t.shape)}")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must share the head dim (last dim), got {query.shape[-1]} "
-                         f"and {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must have the same length (dim -2), got {key.shape[-2]} "
-                         f"and {value.shape[-2]}")
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    if len(q_shape) < 2 or len(k_shape) < 2 or len(v_shape) < 2:
+        for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
+            if len(shape) < 2:
+                raise ValueError(f"{name} must have at least 2 dims (..., length, head dim), got shape "
+                                 f"{tuple(shape)}")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"query and key must share the head dim (last dim), got {q_shape[-1]} "
+                         f"and {k_shape[-1]}")
+    if k_shape[-2] != v_shape[-2]:
+        raise ValueError(f"key and value must have the same length (dim -2), got {k_shape[-2]} "
+                         f"and {v_shape[-2]}")
+    return q_shape, k_shape, v_shape
 
 
-def _check_broadcast(query, key, value, enable_gqa) -> None:
-    """ValueError unless the batch and head dims of query, key and value broadcast together (with
-    ``enable_gqa`` the heads are checked by :func:`_check_gqa` instead)."""
-    drop = 3 if enable_gqa and query.dim() >= 3 else 2
-    if (broadcast(query.shape[:-drop], key.shape[:-drop], value.shape[:-drop]) is None
-            or broadcast(key.shape[:-2], value.shape[:-2]) is None):
-        raise ValueError(f"the batch and head dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
-                         f"and value {tuple(value.shape)} do not broadcast together")
+def _check_broadcast(q_shape, k_shape, v_shape, enable_gqa) -> None:
+    """ValueError unless the batch and head dims of query, key and value (of these shapes)
+    broadcast together (with ``enable_gqa`` the heads are checked by :func:`_check_gqa` instead)."""
+    drop = 3 if enable_gqa and len(q_shape) >= 3 else 2
+    k_lead = k_shape[:-2]
+    if k_lead == v_shape[:-2] and q_shape[:-drop] == (k_lead if drop == 2 else k_shape[:-drop]):
+        return  # fast path: equal leading dims broadcast (value then equals key on :-drop too)
+    if (broadcast(q_shape[:-drop], k_shape[:-drop], v_shape[:-drop]) is None
+            or broadcast(k_shape[:-2], v_shape[:-2]) is None):
+        raise ValueError(f"the batch and head dims of query {tuple(q_shape)}, key {tuple(k_shape)} "
+                         f"and value {tuple(v_shape)} do not broadcast together")
 
 
 def _check_gqa(query, key, value, enable_gqa) -> None:
@@ -276,10 +289,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if cast is not None:  # attention is on autocast's lower-precision list (CPU, CUDA)
         query, key, value, attn_mask = (autocast_to(cast, t) if isinstance(t, torch.Tensor) else t
                                         for t in (query, key, value, attn_mask))
-    _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
-    _check_broadcast(query, key, value, enable_gqa)
-    _check_gqa(query, key, value, enable_gqa)
-    _check_mask_shape(query, key, value, attn_mask)
+    q_shape, k_shape, v_shape = _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    _check_broadcast(q_shape, k_shape, v_shape, enable_gqa)
+    if enable_gqa:  # each of these two returns at once otherwise: the call is skipped
+        _check_gqa(query, key, value, enable_gqa)
+    if attn_mask is not None:
+        _check_mask_shape(query, key, value, attn_mask)
     dropout_p = float(dropout_p)
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
     if eager_torch_path(_OP, query, lambda: _unsupported(query, key, value, attn_mask, enable_gqa,

@@ -5,7 +5,8 @@ mask comes from a counter-based generator keyed by a seed drawn from torch's gen
 input's device (so ``torch.manual_seed`` reproduces it) and kept there as a one-element tensor the
 kernels read (no host synchronisation); the backward regenerates the mask from that seed and
 nothing else is saved. The torch path is PyTorch's own dropout with its generator seeded from that
-seed (read on the host): same distribution, different random stream.
+seed (read on the host): same distribution, different random stream. (On CPU tensors the same noise
+is drawn from a private generator in that state, so torch's own is neither reseeded nor restored.)
 
 ``dropout_add_layer_norm`` computes, in one kernel, the "add & norm" step::
 
@@ -23,28 +24,41 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import has_torch_function_unary
 
 from .. import backend
 from ._double_backward import differentiable_grads
 from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, path, recompute_grads,
-                       seeded, stats_dtype)
+                       seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
-from ._validate import check_floating, check_same_device, check_shape
+from ._validate import all_cpu, check_floating, check_same_device, check_shape
 
 
 def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+    # fast path: a float needs only the range check (isinstance of an ABC costs more)
+    if type(p) is not float and (isinstance(p, bool) or not isinstance(p, numbers.Real)):
         raise TypeError(f"p (dropout probability) must be a number, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p (dropout probability) must be between 0 and 1, got {p}")
     return float(p)
 
 
-def _torch_dropout(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """torch's dropout with its generator seeded from ``seed``: the torch path's mask."""
-    x = input.contiguous()  # torch draws in memory order: one layout, one mask per seed
+def _torch_dropout(input: torch.Tensor, p: float, seed: torch.Tensor | None,
+                   inplace: bool = False) -> torch.Tensor:
+    """torch's dropout with its generator seeded from ``seed``: the torch path's mask (eager and
+    operator alike). ``inplace`` needs a contiguous input."""
+    x = input if inplace else input.contiguous()  # torch draws in memory order: one mask per seed
+    if (seed is not None and x.is_cpu and seed.is_cpu and 0.0 < p < 1.0 and x.numel()
+            and not has_torch_function_unary(x)):
+        # Fast path: what F.dropout computes for a CPU tensor (ATen's _dropout_impl: a Bernoulli
+        # noise tensor divided by 1 - p, times the input), its noise drawn from a private generator
+        # in the state seeded() would give torch's -- the same mask, bit for bit
+        # (tests/test_fast_paths.py), without saving and restoring torch's generator.
+        noise = torch.empty_like(x).bernoulli_(1 - p, generator=seeded_cpu_generator(seed))
+        noise.div_(1 - p)
+        return x.mul_(noise) if inplace else x * noise
     with seeded(seed):
-        return F.dropout(x, p, True)
+        return F.dropout(x, p, True, inplace)
 
 
 def _apply_mask(input: torch.Tensor, p: float, seed: torch.Tensor, backend_name: str) -> torch.Tensor:
@@ -107,8 +121,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
         if not inplace:
             return _torch_dropout(input, p, seed)
         if input.is_contiguous():  # the layout the operator draws in
-            with seeded(seed):
-                return F.dropout(input, p, True, True)
+            return _torch_dropout(input, p, seed, inplace=True)
     out = torch.ops.fastdl.dropout(input, p, seed)
     return input.copy_(out) if inplace else out
 
@@ -118,13 +131,16 @@ def _check_add_norm_args(x, residual, weight, bias) -> None:
     check_floating("residual", residual)
     check_floating("weight", weight)
     check_floating("bias", bias)
-    check_same_device("x", {"x": x, "residual": residual, "weight": weight, "bias": bias})
-    if x.dim() == 0:
+    if not all_cpu(x, residual, weight, bias):
+        check_same_device("x", {"x": x, "residual": residual, "weight": weight, "bias": bias})
+    shape = x.shape  # read once: each .shape builds a new torch.Size
+    if not shape:
         raise ValueError("x must have at least one dimension (LayerNorm runs over the last one)")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}; got {tuple(residual.shape)}")
-    check_shape("weight", weight, (x.shape[-1],))
-    check_shape("bias", bias, (x.shape[-1],))
+    if residual is not None and residual.shape != shape:
+        raise ValueError(f"residual must have the shape of x, {tuple(shape)}; got {tuple(residual.shape)}")
+    normalized = (shape[-1],)
+    check_shape("weight", weight, normalized)
+    check_shape("bias", bias, normalized)
 
 
 def _torch_dropout_add_layer_norm(x, residual, weight, bias, p: float, eps: float, seed, backend_name: str):
@@ -284,6 +300,6 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
         out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed, "torch")
     else:
         out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
-    if autocast_dtype(x) is not None and x.device.type == "cuda":
+    if x.is_cuda and autocast_dtype(x) is not None:
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out, pre

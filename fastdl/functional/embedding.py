@@ -45,7 +45,8 @@ from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or
                        recompute_grads,
                        stats_dtype, unaliased)
 from ._random import draw_seed
-from ._validate import check_floating, check_same_device, eager_index_check
+from ._validate import all_cpu, check_floating, check_same_device, eager_index_check
+from .dropout import _check_p, _torch_dropout
 
 
 def _check_weight(name: str, weight: torch.Tensor) -> None:
@@ -207,8 +208,6 @@ def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, positi
     """The block in PyTorch, the dropout mask being ``backend_name``'s for ``seed``: the torch
     path's forward and what its backward recomputes, and the differentiable recomputation for
     double backward."""
-    from .dropout import _torch_dropout
-
     x = (F.embedding(input_ids, word, _pad_or_none(padding_idx)) + F.embedding(position_ids, position)
          + F.embedding(token_type_ids, token_type))
     x = F.layer_norm(x, (word.shape[1],), ln_weight, ln_bias, eps)
@@ -349,7 +348,8 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     """
     _check_weight("weight", weight)
     _check_index_dtype("input", input)
-    check_same_device("weight", {"weight": weight, "input": input})
+    if not all_cpu(weight, input):
+        check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
     if eager_torch_path("embedding", weight):
         try:  # torch checks the range itself; ours runs only to name the bad index
@@ -374,16 +374,21 @@ def _bert_ids(input_ids, token_type_ids, position_ids):
         token_type_ids = torch.zeros(shape, dtype=input_ids.dtype, device=input_ids.device)
     if position_ids is None:
         position_ids = torch.arange(shape[-1], dtype=input_ids.dtype, device=input_ids.device)
-    ids = {"token_type_ids": token_type_ids, "position_ids": position_ids}
-    for name, ids_tensor in ids.items():
-        if not isinstance(ids_tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(ids_tensor).__name__}")
-        try:
-            ids[name] = ids_tensor.expand(shape)
-        except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(ids_tensor.shape)} does not broadcast to "
-                             f"input_ids' shape {tuple(shape)}") from None
-    return ids["token_type_ids"], ids["position_ids"]
+    return (_broadcast_ids("token_type_ids", token_type_ids, shape),
+            _broadcast_ids("position_ids", position_ids, shape))
+
+
+def _broadcast_ids(name: str, ids, shape: torch.Size) -> torch.Tensor:
+    """``ids`` expanded to ``shape``, else TypeError / ValueError naming ``name``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(ids).__name__}")
+    if ids.shape == shape:
+        return ids  # fast path: already input_ids' shape, nothing to expand
+    try:
+        return ids.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(ids.shape)} does not broadcast to "
+                         f"input_ids' shape {tuple(shape)}") from None
 
 
 def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
@@ -403,22 +408,25 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     Dropout with probability ``p`` when ``training``. Returns ``input_ids.shape + (D,)`` in the
     promoted dtype of the three tables.
     """
-    from .dropout import _check_p
-
     p = _check_p(p)
-    for name, table in (("word", word), ("position", position), ("token_type", token_type)):
-        _check_weight(name, table)
+    _check_weight("word", word)
+    _check_weight("position", position)
+    _check_weight("token_type", token_type)
     check_floating("ln_weight", ln_weight)
     check_floating("ln_bias", ln_bias)
-    check_same_device("word", {"word": word, "position": position, "token_type": token_type,
-                               "ln_weight": ln_weight, "ln_bias": ln_bias, "input_ids": input_ids,
-                               "token_type_ids": token_type_ids, "position_ids": position_ids})
+    if not all_cpu(word, position, token_type, ln_weight, ln_bias, input_ids, token_type_ids, position_ids):
+        check_same_device("word", {"word": word, "position": position, "token_type": token_type,
+                                   "ln_weight": ln_weight, "ln_bias": ln_bias, "input_ids": input_ids,
+                                   "token_type_ids": token_type_ids, "position_ids": position_ids})
     dim = word.shape[1]
-    for name, t in (("position", position), ("token_type", token_type), ("ln_weight", ln_weight),
-                    ("ln_bias", ln_bias)):
-        if t is not None and t.shape[-1] != dim:
-            raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
-                             f"{tuple(t.shape)}")
+    if (position.shape[1] != dim or token_type.shape[1] != dim  # fast path: one test per table
+            or (ln_weight is not None and ln_weight.shape[-1] != dim)
+            or (ln_bias is not None and ln_bias.shape[-1] != dim)):
+        for name, t in (("position", position), ("token_type", token_type), ("ln_weight", ln_weight),
+                        ("ln_bias", ln_bias)):
+            if t is not None and t.shape[-1] != dim:
+                raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
+                                 f"{tuple(t.shape)}")
     _check_index_dtype("input_ids", input_ids)
     token_type_ids, position_ids = _bert_ids(input_ids, token_type_ids, position_ids)
     _check_index_dtype("token_type_ids", token_type_ids)
@@ -433,6 +441,6 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
         out = _bert_embeddings_torch_path(*args)
     else:
         out = torch.ops.fastdl.bert_embeddings(*args)[0]
-    if autocast_dtype(word) is not None and word.device.type == "cuda":
+    if word.is_cuda and autocast_dtype(word) is not None:
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out

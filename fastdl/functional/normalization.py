@@ -19,18 +19,19 @@ import torch.nn.functional as F
 from .. import backend
 from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path,
                        recompute_grads, stats_dtype)
-from ._validate import as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
+from ._validate import all_cpu, as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
 
 
 def _check_norm_args(input, normalized_shape, weight, bias) -> tuple[int, ...]:
     check_floating("input", input)
     check_floating("weight", weight)
     check_floating("bias", bias)
-    check_same_device("input", {"input": input, "weight": weight, "bias": bias})
+    if not all_cpu(input, weight, bias):
+        check_same_device("input", {"input": input, "weight": weight, "bias": bias})
     shape = as_shape("normalized_shape", normalized_shape)
     if not shape:
         raise ValueError("normalized_shape must have at least one dimension, got ()")
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+    if input.dim() < len(shape) or input.shape[input.dim() - len(shape):] != shape:
         raise ValueError(f"normalized_shape={list(shape)} must match the trailing dimensions of "
                          f"input, whose shape is {list(input.shape)}")
     check_shape("weight", weight, shape)
@@ -196,7 +197,7 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     """
     shape = _check_norm_args(input, normalized_shape, weight, bias)
     check_param_dtypes(input, {"weight": weight, "bias": bias})
-    if autocast_dtype(input) is not None and input.device.type == "cuda":
+    if input.is_cuda and autocast_dtype(input) is not None:
         input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
     if eager_torch_path("layer_norm", input):
         return F.layer_norm(input, shape, weight, bias, eps)
@@ -336,28 +337,32 @@ _batch_norm_op.register_autograd(_batch_norm_grad, setup_context=_batch_norm_set
 
 
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    for name, t in (("input", input), ("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        check_floating(name, t)
-    check_same_device("input", {"input": input, "running_mean": running_mean,
-                                "running_var": running_var, "weight": weight, "bias": bias})
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C) or (N, C, *), got {list(input.shape)}")
-    channels = input.shape[1]
+    check_floating("input", input)
+    check_floating("running_mean", running_mean)
+    check_floating("running_var", running_var)
+    check_floating("weight", weight)
+    check_floating("bias", bias)
+    if not all_cpu(input, running_mean, running_var, weight, bias):
+        check_same_device("input", {"input": input, "running_mean": running_mean,
+                                    "running_var": running_var, "weight": weight, "bias": bias})
+    shape = input.shape
+    if len(shape) < 2:
+        raise ValueError(f"input must have shape (N, C) or (N, C, *), got {list(shape)}")
+    per_channel = (shape[1],)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels "
-                             f"(dim 1) of input of shape {list(input.shape)}, got {list(t.shape)}")
+        if t is not None and t.shape != per_channel:
+            raise ValueError(f"{name} must have shape ({shape[1]},) to match the {shape[1]} channels "
+                             f"(dim 1) of input of shape {list(shape)}, got {list(t.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both be None)")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode "
                          "(training=False)")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if type(momentum) is not float and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
         raise TypeError(f"momentum must be a float, got {momentum!r}")
     if training:
-        values = input.shape[0] * math.prod(input.shape[2:])
+        values = shape[0] * math.prod(shape[2:])
         if values == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
