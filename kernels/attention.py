@@ -53,8 +53,9 @@ Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
 Two kernels, neither with atomics: one program per key/value tile (of one kv head) walks every
 query tile of every query head sharing that kv head and accumulates dK, dV in registers; a second
 program per query tile walks the key/value tiles and accumulates dQ. Both are deterministic.
-The dK/dV kernel can also write dS per (b, h) for a float mask that requires grad; the caller sums
-it over the mask's broadcast dimensions.
+The dQ kernel can also write dS per (b, h) for a float mask that requires grad, in the mask's
+row-major order (the dK/dV kernel, holding its tiles transposed, has neither the registers nor the
+store pattern for it); the caller sums it over the mask's broadcast dimensions.
 
 Varlen mode (``VARLEN``, :func:`varlen_attention_fwd` / :func:`varlen_attention_bwd`): sequences
 packed without padding, q (Tq, H, D) and k, v (Tk, H_kv, D), viewed as one (1, H, T, D) batch
@@ -66,12 +67,22 @@ modes. The grid covers the longest sequence; programs past their sequence's end 
 Causal is bottom-right aligned there, as flash-attn's varlen functions: row i of a sequence with L
 queries and S keys sees keys j <= i + S - L.
 
-Block sizes, warps and pipeline stages come from ``kernels.utils.autotune`` over a short list per
-(head-dim class, dtype size, kernel) keyed by the head-dim block, causality and sequence-length
-buckets; the first config of each list is a safe default and the only one under the interpreter.
+Head-dim chunks. A program that keeps a whole query (or key/value) tile and its fp32
+accumulators in registers runs out of them at large head dims: ptxas then spills to local memory.
+A config can cut the head dim in two ways (see the config tables): the q.k and dO.v products summed
+over column chunks loaded one at a time (``BLOCK_DK``), and each program computing only a chunk of
+its output columns (``BLOCK_DO``), ceil(head dim / BLOCK_DO) programs sharing a tile and each
+recomputing its scores. Whole-width configs (the common fp16/bf16 case) keep their tiles loaded
+once, outside the key loop.
+
+Block sizes, warps, pipeline stages and chunk widths come from ``kernels.utils.autotune`` over a
+short list per (GPU generation, head-dim class, dtype size, kernel) keyed by the head-dim blocks,
+causality and sequence-length buckets; the first config of each list is a safe default and the
+only one under the interpreter (which takes the Hopper lists unless told otherwise).
 fp32 inputs use 3xTF32 dot products ("tf32x3": each operand split into a TF32 head and a TF32 tail,
 a*b ~ ah*bh + ah*bl + al*bh on tensor cores): float32-level error (~4e-7 relative against float64,
-like full-precision FMA dot products, where plain TF32 gives ~4e-4), and kernels that compile in
+like full-precision FMA dot products, where plain TF32 gives ~4e-4). The split doubles the
+registers of every operand, so fp32 configs cut the head dim from 128 on; with that they compile in
 seconds without spilling, where FMA dot products took minutes and spilled tens of KB per thread.
 """
 
@@ -82,7 +93,7 @@ import triton
 import triton.language as tl
 
 from .utils import (PER_CALL_ARGS, autotune, check_grid, dropout_counters, dropout_keep, dropout_threshold,
-                    grid_2d)
+                    gpu_capability, grid_2d)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -95,50 +106,145 @@ MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------
-# Configurations. Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of every list
-# is the default (and the interpreter's only choice). Each list is what the ahead-of-time compile
-# gate (benchmarks/compile_report.py) passes for sm_90a and sm_80: tiles of 64+ rows in the M
-# dimension of every dot product (wgmma), shared memory within 163 KB, and no register spills in
-# the common variants -- 8 warps or 32-key tiles at D = 128, one or two stages at D = 256. fp32
-# lists are short (3xTF32 operands take twice the registers and shared memory of fp16 ones, and
-# fp32 attention is rarely the hot path).
+# Configurations, per GPU generation (90: Hopper's warpgroup MMA and 227 KB of shared memory; 80:
+# Ampere-style mma.sync and 163 KB), head-dim class (64, 128, 256) and element size (2: fp16/bf16,
+# 4: fp32). Tuple: (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_DK, BLOCK_DO]); the first
+# entry of every list is the default (and the interpreter's only choice).
+#
+# BLOCK_DK and BLOCK_DO cut the head dim into chunks, to bound what a program keeps in registers
+# (0 or absent: the whole head dim). BLOCK_DK: the q.k and dO.v products are summed over chunks
+# of that many columns, each loaded from memory when it is needed, instead of one whole-width
+# tile held for the program's life; BLOCK_DO: a program computes that many columns of its outputs
+# (o, dq, dk, dv), and ceil(head dim / BLOCK_DO) programs share a tile, each recomputing the
+# scores. fp32 needs both from head dim 128 on (3xTF32 operands are twice the registers of an
+# fp32 tile, four times an fp16 one), the fp16/bf16 dK/dV kernel at head dim 256 (two full-width
+# fp32 accumulators).
+#
+# A key ending in "dropout" holds the list for launches with dropout (where the table has one):
+# the keep-mask's Philox rounds take registers that the larger tiles of the plain list lack.
+#
+# Every list is what the ahead-of-time compile gate (benchmarks/compile_report.py) passes for its
+# target, in every variant (masks, causal, dropout, grouped heads, mask gradient): no register
+# spills, shared memory within the target's limit, and on Hopper 64+ rows in the M dimension of
+# every dot product (the smallest warpgroup MMA tile). The lists were chosen by compiling a few
+# hundred candidates per target that way, biggest tiles first.
 # ---------------------------------------------------------------------------------------------
 
 _FWD_CONFIGS = {
-    # (head-dim class, bytes per element)
-    (64, 2): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
-    (128, 2): [(128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 3)],
-    (256, 2): [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
-    (64, 4): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
-    (128, 4): [(64, 32, 4, 1), (64, 64, 4, 2), (128, 32, 8, 2)],
-    (256, 4): [(64, 32, 4, 1), (64, 32, 8, 1)],
+    (90, 64, 2): [(64, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 1), (128, 64, 8, 1)],
+    (90, 64, 2, "dropout"): [(128, 64, 8, 2), (128, 64, 8, 1), (128, 64, 8, 4)],
+    (90, 128, 2): [(128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 3)],
+    (90, 128, 2, "dropout"): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)],
+    (90, 256, 2): [(128, 32, 8, 2), (128, 32, 8, 2, 0, 128), (64, 32, 4, 2), (64, 64, 4, 2, 0, 128)],
+    (90, 256, 2, "dropout"): [(128, 32, 8, 2, 0, 128), (128, 32, 8, 2, 64, 128), (128, 32, 8, 2, 128, 128)],
+    (90, 64, 4): [(128, 32, 8, 2), (128, 32, 8, 2, 32, 0), (128, 32, 8, 2, 16, 0), (64, 32, 8, 2)],
+    (90, 64, 4, "dropout"): [(128, 32, 8, 2, 32, 0), (128, 32, 8, 2, 16, 0), (64, 32, 4, 1)],
+    (90, 128, 4): [(128, 32, 8, 2, 32, 64), (64, 32, 4, 2, 32, 64)],
+    (90, 128, 4, "dropout"): [(64, 16, 4, 2, 32, 64)],
+    (90, 256, 4): [(128, 32, 8, 2, 32, 64), (128, 32, 8, 2, 32, 32),
+                   (64, 32, 4, 2, 32, 64), (64, 32, 4, 2, 32, 32)],
+    (90, 256, 4, "dropout"): [(128, 32, 8, 2, 32, 32), (64, 32, 4, 2, 32, 32)],
+    (80, 64, 2): [(128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 1)],
+    (80, 64, 2, "dropout"): [(128, 64, 8, 4), (128, 64, 8, 1)],
+    (80, 128, 2): [(64, 128, 8, 2), (128, 32, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2)],
+    (80, 128, 2, "dropout"): [(32, 128, 8, 2), (64, 64, 8, 2)],
+    (80, 256, 2): [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    (80, 256, 2, "dropout"): [(32, 128, 8, 2), (64, 32, 8, 2)],
+    (80, 64, 4): [(64, 32, 4, 2, 32, 0), (64, 32, 4, 2, 16, 0), (32, 64, 4, 2, 32, 0), (32, 64, 4, 2, 16, 0)],
+    (80, 64, 4, "dropout"): [(64, 32, 4, 2, 16, 0)],
+    (80, 128, 4): [(32, 32, 4, 2, 32, 64), (64, 16, 4, 2, 32, 64)],
+    (80, 256, 4): [(32, 32, 4, 2, 32, 64), (64, 32, 4, 2, 32, 32),
+                   (64, 16, 4, 2, 32, 64), (32, 32, 4, 2, 32, 32)],
+    (80, 256, 4, "dropout"): [(32, 32, 4, 2, 32, 64), (64, 16, 4, 2, 32, 64), (32, 32, 4, 2, 32, 32)],
 }
-# dK/dV kernel: BLOCK_N key rows stay (with their fp32 dK, dV accumulators: 8 warps once D >= 128,
-# so they stay in registers), BLOCK_M query rows stream. BLOCK_N is the M dimension of its dot
-# products: 64 at least, the smallest warpgroup (wgmma) tile on Hopper.
+# dK/dV kernel: BLOCK_N key rows stay (with their fp32 dK, dV accumulators), BLOCK_M query rows
+# stream. BLOCK_N is the M dimension of its dot products: 64 at least on Hopper.
 _BWD_KV_CONFIGS = {
-    (64, 2): [(64, 64, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
-    (128, 2): [(16, 64, 8, 2), (32, 64, 8, 2)],
-    (256, 2): [(16, 64, 8, 1)],
-    (64, 4): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-    (128, 4): [(32, 64, 8, 1), (16, 64, 8, 2), (32, 64, 8, 2)],
-    (256, 4): [(16, 32, 8, 1)],  # 64 keys of fp32 would not fit in shared memory
+    (90, 64, 2): [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2)],
+    (90, 64, 2, "dropout"): [(16, 64, 8, 1)],
+    (90, 128, 2): [(32, 64, 8, 1, 64, 0), (32, 64, 8, 1, 32, 0), (16, 64, 8, 2), (16, 64, 8, 1, 64, 0)],
+    (90, 128, 2, "dropout"): [(16, 64, 8, 1, 64, 0)],
+    (90, 256, 2): [(32, 64, 8, 1, 64, 0), (16, 64, 8, 1, 64, 0),
+                   (32, 64, 8, 1, 64, 128), (32, 64, 8, 1, 128, 128)],
+    (90, 256, 2, "dropout"): [(16, 64, 8, 1, 64, 128)],
+    (90, 64, 4): [(16, 64, 8, 1, 32, 0), (16, 64, 8, 1, 16, 0),
+                  (32, 64, 8, 1, 32, 32), (32, 64, 4, 1, 32, 32)],
+    (90, 64, 4, "dropout"): [(16, 64, 8, 1, 16, 0), (16, 64, 8, 1, 32, 32)],
+    (90, 128, 4): [(16, 64, 8, 1, 32, 64), (16, 64, 8, 1, 16, 32),
+                   (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 128, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 256, 4): [(16, 64, 8, 1, 32, 64), (32, 64, 4, 1, 32, 32),
+                   (16, 64, 8, 1, 32, 32), (16, 64, 8, 1, 16, 32)],
+    (90, 256, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
+    (80, 64, 2): [(128, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
+    (80, 64, 2, "dropout"): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
+    (80, 128, 2): [(16, 64, 8, 1, 64, 0), (16, 32, 8, 1), (32, 32, 8, 1, 0, 64), (16, 64, 8, 1, 0, 64)],
+    (80, 128, 2, "dropout"): [(16, 32, 8, 1)],
+    (80, 256, 2): [(32, 32, 8, 1, 64, 0), (16, 64, 8, 1, 64, 0),
+                   (16, 64, 8, 1, 0, 128), (16, 32, 8, 1, 64, 0)],
+    (80, 256, 2, "dropout"): [(16, 32, 8, 1, 64, 0), (32, 32, 8, 1, 64, 128)],
+    (80, 64, 4): [(32, 32, 8, 1, 32, 0), (32, 32, 8, 1, 16, 0), (16, 64, 8, 1, 32, 0), (16, 64, 8, 1, 16, 0)],
+    (80, 64, 4, "dropout"): [(16, 32, 8, 1, 32, 0), (16, 32, 8, 1, 16, 0)],
+    (80, 128, 4): [(16, 32, 8, 1, 32, 0), (16, 32, 8, 1, 64, 0),
+                   (32, 32, 8, 1, 32, 64), (16, 64, 8, 1, 32, 64)],
+    (80, 128, 4, "dropout"): [(16, 32, 8, 1, 32, 0), (16, 32, 8, 1, 32, 64), (16, 32, 8, 1, 64, 64)],
+    (80, 256, 4): [(16, 32, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64),
+                   (16, 64, 8, 1, 32, 64), (16, 32, 8, 1, 32, 64)],
+    (80, 256, 4, "dropout"): [(16, 32, 8, 1, 32, 64), (16, 64, 8, 1, 32, 32)],
 }
-# dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream; BLOCK_M >= 64 for wgmma.
+# dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream; BLOCK_M >= 64 on Hopper.
 _BWD_Q_CONFIGS = {
-    (64, 2): [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
-    (128, 2): [(128, 32, 8, 2), (64, 32, 4, 3)],
-    (256, 2): [(64, 16, 8, 1), (64, 16, 4, 1)],
-    (64, 4): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    (128, 4): [(64, 32, 4, 1), (64, 32, 8, 1), (64, 16, 4, 2)],
-    (256, 4): [(32, 16, 4, 1)],  # as dK/dV: 64 fp32 rows would not fit
+    (90, 64, 2): [(128, 64, 8, 2), (128, 64, 8, 1), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (90, 64, 2, "dropout"): [(64, 32, 4, 2), (128, 32, 8, 3), (64, 32, 8, 1)],
+    (90, 128, 2): [(128, 32, 8, 2), (64, 32, 4, 3), (64, 16, 8, 1), (64, 16, 4, 1)],
+    (90, 128, 2, "dropout"): [(64, 16, 8, 1), (64, 16, 4, 1)],
+    (90, 256, 2): [(128, 16, 8, 2), (128, 32, 8, 2, 0, 128), (128, 16, 8, 1, 64, 0), (128, 16, 8, 1, 0, 128)],
+    (90, 256, 2, "dropout"): [(64, 16, 8, 1, 64, 0), (128, 16, 8, 1, 64, 128)],
+    (90, 64, 4): [(128, 16, 8, 1), (128, 16, 8, 1, 32, 0), (128, 16, 8, 1, 16, 0), (64, 32, 4, 1, 32, 0)],
+    (90, 64, 4, "dropout"): [(128, 16, 8, 1, 32, 0), (128, 16, 8, 1, 16, 0), (64, 32, 4, 1, 32, 0)],
+    (90, 128, 4): [(128, 16, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0), (128, 16, 8, 1, 32, 64)],
+    (90, 128, 4, "dropout"): [(128, 16, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0), (128, 16, 8, 1, 32, 64)],
+    (90, 256, 4): [(128, 16, 8, 1, 32, 64), (64, 32, 4, 1, 32, 64), (64, 16, 8, 1, 32, 64)],
+    (90, 256, 4, "dropout"): [(128, 16, 8, 1, 32, 64), (64, 16, 8, 1, 32, 64), (128, 16, 8, 1, 32, 32)],
+    (80, 64, 2): [(32, 128, 8, 2), (128, 32, 8, 2), (32, 128, 8, 1), (128, 32, 8, 1)],
+    (80, 64, 2, "dropout"): [(32, 128, 8, 2), (32, 128, 8, 1)],
+    (80, 128, 2): [(32, 128, 8, 2), (32, 128, 8, 1), (32, 32, 4, 1)],
+    (80, 128, 2, "dropout"): [(32, 128, 8, 2), (32, 32, 4, 1)],
+    (80, 256, 2): [(32, 32, 8, 2), (64, 32, 8, 2, 0, 128), (32, 32, 4, 2)],
+    (80, 256, 2, "dropout"): [(32, 32, 8, 2), (64, 32, 8, 2, 0, 128)],
+    (80, 64, 4): [(32, 32, 8, 1, 32, 0), (32, 32, 8, 1, 16, 0), (64, 16, 8, 1, 32, 0), (64, 16, 8, 1, 16, 0)],
+    (80, 128, 4): [(32, 32, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0),
+                   (64, 16, 8, 1, 64, 0), (32, 32, 4, 1, 32, 0)],
+    (80, 256, 4): [(64, 16, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64),
+                   (64, 16, 8, 1, 32, 64), (64, 16, 8, 1, 64, 64)],
+    (80, 256, 4, "dropout"): [(64, 16, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64), (64, 16, 8, 1, 32, 64)],
 }
 
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
 
 
-def _triton_configs(entries):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+def _generation(device: torch.device) -> int:
+    """Which lists a launch on ``device`` takes: 90 for Hopper and later, 80 before."""
+    return 90 if gpu_capability(device) >= 90 else 80
+
+
+def _triton_configs(kind: str, entries, block_d: int, block_dv: int):
+    """triton.Configs of a list for this call's head-dim blocks. Chunk widths of 0 (whole) or
+    wider than a block become that block; CHUNKS is the number of programs that share a tile,
+    one per chunk of the kernel's outputs (o: Dv; dq: D; dk and dv: the larger count)."""
+    def width(chunk: int, block: int) -> int:
+        return block if chunk <= 0 else min(chunk, block)
+
+    configs = []
+    for m, n, w, s, *chunks in entries:
+        dk, do = chunks if chunks else (0, 0)
+        widths = {"BLOCK_DK": width(dk, block_d), "BLOCK_DVK": width(dk, block_dv),
+                  "BLOCK_DO": width(do, block_d), "BLOCK_DVO": width(do, block_dv)}
+        per_d, per_dv = block_d // widths["BLOCK_DO"], block_dv // widths["BLOCK_DVO"]
+        chunk_count = {"fwd": per_dv, "bwd_q": per_d, "bwd_kv": max(per_d, per_dv)}[kind]
+        configs.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, **widths, "CHUNKS": chunk_count},
+                                     num_warps=w, num_stages=s))
+    return configs
 
 
 def _head_dim_class(block_d: int) -> int:
@@ -148,7 +254,6 @@ def _head_dim_class(block_d: int) -> int:
 def _seq_bucket(n: int) -> int:
     """Sequence-length bucket for the autotuning key: powers of two from 64 to 16K."""
     return min(max(64, triton.next_power_of_2(max(n, 1))), 16384)
-
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces of the kernels
@@ -214,13 +319,58 @@ def _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
-def _tile_head_batch(rows, BLOCK: tl.constexpr, H):
-    """(tile, head, batch entry) of this program. The launch grid is one axis of
-    cdiv(rows, BLOCK) * H * batch programs, tiles fastest (the programs of one head run side by
-    side, as on a (tiles, H, batch) grid): CUDA caps grid axes 1 and 2 at 65,535 programs, which
-    a batch of short sequences (or a varlen call's sequence count) can pass."""
-    tile, bh = grid_2d(tl.cdiv(rows, BLOCK))
-    return tile, bh % H, bh // H
+def _tile_head_batch(rows, BLOCK: tl.constexpr, H, CHUNKS: tl.constexpr = 1):
+    """(tile, head-dim chunk, head, batch entry) of this program. The launch grid is one axis of
+    cdiv(rows, BLOCK) * CHUNKS * H * batch programs, tiles fastest (the programs of one head run
+    side by side, as on a (tiles, chunks, H, batch) grid): CUDA caps grid axes 1 and 2 at 65,535
+    programs, which a batch of short sequences (or a varlen call's sequence count) can pass."""
+    tile, rest = grid_2d(tl.cdiv(rows, BLOCK))
+    if CHUNKS == 1:
+        chunk = rest * 0
+        bh = rest
+    else:
+        chunk = rest % CHUNKS
+        bh = rest // CHUNKS
+    return tile, chunk, bh % H, bh // H
+
+
+@triton.jit
+def _load_rows(P, rows, ok, stride, cols, ncols):
+    """P[rows, cols] as a (rows, cols) tile: int64 row indices with ``ok`` marking real rows, a
+    unit column stride, columns from ``ncols`` on read as 0."""
+    return tl.load(P + rows[:, None] * stride + cols[None, :], mask=ok[:, None] & (cols[None, :] < ncols),
+                   other=0.0)
+
+
+@triton.jit
+def _load_rows_t(P, rows, ok, stride, cols, ncols):
+    """The transpose of :func:`_load_rows`: a (cols, rows) tile."""
+    return tl.load(P + rows[None, :] * stride + cols[:, None], mask=ok[None, :] & (cols[:, None] < ncols),
+                   other=0.0)
+
+
+@triton.jit
+def _dot_rows(acc, A, sa, rows_a, ok_a, B, sb, rows_b, ok_b, ncols, PRECISION: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """acc + A[rows_a, :ncols] @ B[rows_b, :ncols]^T, summed over column chunks of BLOCK_DK, each
+    loaded right before its product: registers hold one chunk of either operand, not a whole row.
+    A loop, not unrolled: unrolled, the compiler hoists every chunk's loads and keeps a shared-memory
+    buffer per chunk (260 KB at fp32, head dim 128), which defeats the purpose."""
+    for d0 in range(0, BLOCK_D, BLOCK_DK):
+        cols = d0 + tl.arange(0, BLOCK_DK)
+        acc = tl.dot(_load_rows(A, rows_a, ok_a, sa, cols, ncols),
+                     _load_rows_t(B, rows_b, ok_b, sb, cols, ncols), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _first_chunk(mask, like, chunk, CHUNKS: tl.constexpr):
+    """``mask``, and only in the program of head-dim chunk 0: what every chunk computes alike
+    (lse, dS) is stored once. (``like`` makes the chunk test a tensor: Triton's interpreter
+    cannot combine a mask with a scalar.)"""
+    if CHUNKS == 1:
+        return mask
+    return mask & ((like * 0 + chunk) == 0)
 
 
 @triton.jit
@@ -250,25 +400,26 @@ def _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
-               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
+def _fwd_tiles(acc, l_i, m_i, q, Qm, sql, row_ok, K, V, lo, hi, rows_m, offs_o, b, h, bh, L, S, q_hi, k_hi,
+               shift, sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
                CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Online softmax over the key tiles [lo, hi) of one query tile; returns (acc, l, m). Rows
-    and keys end at q_hi and k_hi; L and S size the dropout counters."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    and keys end at q_hi and k_hi; L and S size the dropout counters. ``q`` is the whole query
+    tile when BLOCK_DK == BLOCK_D; otherwise its chunks are read from Qm (row stride sql)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < k_hi
         rows_n = offs_n.to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(qk, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
-                    CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+        if BLOCK_DK == BLOCK_D:
+            kt = _load_rows_t(K, rows_n, col_ok, sks, tl.arange(0, BLOCK_D), HEAD_DIM)
+            qk = tl.dot(q, kt, input_precision=PRECISION)
+        else:
+            qk = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
+                           rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+        s = _scores(qk * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
+                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
         # instead of computing -inf - (-inf) = NaN.
@@ -279,8 +430,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_h
         if HAS_DROPOUT:
             keep = _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(V + rows_n[:, None] * svs + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        v = _load_rows(V, rows_n, col_ok, svs, offs_o, HEAD_DIM_V)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -297,9 +447,13 @@ def _attn_fwd_kernel(
     GRID_ROWS,  # query rows the grid tiles per (batch, head): L, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DVK: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr, CHUNKS: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
-    pid_m, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H)
+    """Output columns [c * BLOCK_DVO, (c + 1) * BLOCK_DVO) of BLOCK_M query rows of one (batch,
+    head), for the program's head-dim chunk c; chunk 0 also writes the rows' lse."""
+    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
@@ -311,37 +465,37 @@ def _attn_fwd_kernel(
     b64 = b.to(tl.int64)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_o = chunk * BLOCK_DVO + tl.arange(0, BLOCK_DVO)
     row_ok = offs_m < q_hi
     rows_m = offs_m.to(tl.int64)
 
-    q_ptrs = Q + b64 * sqb + h.to(tl.int64) * sqh + rows_m[:, None] * sql + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    Qm = Q + b64 * sqb + h.to(tl.int64) * sqh
+    q = Qm  # not loaded when chunked (see _fwd_tiles)
+    if BLOCK_DK == BLOCK_D:
+        q = _load_rows(Qm, rows_m, row_ok, sql, tl.arange(0, BLOCK_D), HEAD_DIM)
     K += b64 * skb + h_kv.to(tl.int64) * skh
     V += b64 * svb + h_kv.to(tl.int64) * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
     full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                               sks, svs,
-                               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
-                               False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                               sks, svs,
-                               MASK, smb, smh, sml, sms, qk_scale, threshold, seed, HEAD_DIM, HEAD_DIM_V,
-                               True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
-                               BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Qm, sql, row_ok, K, V, k_lo, full, rows_m, offs_o, b, h, bh,
+                               L, S, q_hi, k_hi, shift, sks, svs, MASK, smb, smh, sml, sms, qk_scale,
+                               threshold, seed, HEAD_DIM, HEAD_DIM_V, False, False, MASK_KIND, HAS_DROPOUT,
+                               PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Qm, sql, row_ok, K, V, full, hi, rows_m, offs_o, b, h, bh, L,
+                               S, q_hi, k_hi, shift, sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold,
+                               seed, HEAD_DIM, HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+                               BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
 
     # Fully masked rows (l = 0) return 0, not 0/0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (keep_scale / l_safe)[:, None]
-    o_ptrs = OUT + b64 * sob + h.to(tl.int64) * soh + rows_m[:, None] * sol + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    o_ptrs = OUT + b64 * sob + h.to(tl.int64) * soh + rows_m[:, None] * sol + offs_o[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < HEAD_DIM_V))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=_first_chunk(row_ok, offs_m, chunk, CHUNKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +507,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L, HEAD_DIM_V,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """DELTA[b, h, i] = sum_d dO[b, h, i, d] * OUT[b, h, i, d], float32. DELTA: (B, H, L)."""
-    pid_m, h, b = _tile_head_batch(L, BLOCK_M, H)
+    pid_m, _, h, b = _tile_head_batch(L, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -378,67 +532,83 @@ def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
 
 
 @triton.jit
-def _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, hi, n0, rows_n, col_ok, b, h, bh, L, S,
-                  q_hi, k_hi, shift,
-                  sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed,
-                  HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of one query head.
+def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n, col_ok, offs_o, offs_vo,
+                  b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol, MASK, smb, smh, sml, sms,
+                  qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr,
+                  MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_DVK: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr):
+    """Accumulate columns offs_o of dK and offs_vo of dV of one key tile over the query tiles
+    [lo, hi) of one query head.
 
     Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
     transposition of P or dS. Columns past S are not masked: their dK, dV rows are never stored.
+    ``k`` / ``v`` are the whole key / value tiles when BLOCK_DK == BLOCK_D / BLOCK_DVK ==
+    BLOCK_DV; otherwise their chunks are read from Kn / Vn.
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < q_hi
         rows_m = offs_m.to(tl.int64)
-        qt = tl.load(Qh + rows_m[None, :] * sql + offs_d[:, None],
-                     mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        do = tl.load(DOh + rows_m[:, None] * sdol + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
 
-        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
-        st = _scores(st, rows_m[None, :], rows_n[:, None], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
-                     False, CHECK_CAUSAL, MASK_KIND)
+        if BLOCK_DK == BLOCK_D:
+            qt = _load_rows_t(Qh, rows_m, row_ok, sql, tl.arange(0, BLOCK_D), HEAD_DIM)
+            st = tl.dot(k, qt, input_precision=PRECISION)
+        else:
+            st = _dot_rows(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), Kn, sks, rows_n, col_ok, Qh, sql,
+                           rows_m, row_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+        st = _scores(st * qk_scale, rows_m[None, :], rows_n[:, None], b, h, q_hi, k_hi, shift, MASK, smb, smh,
+                     sml, sms, False, CHECK_CAUSAL, MASK_KIND)
         pt = tl.math.exp2(st - lse[None, :])
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if BLOCK_DVK == BLOCK_DV:
+            do = _load_rows(DOh, rows_m, row_ok, sdol, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        else:
+            dpt = _dot_rows(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), Vn, svs, rows_n, col_ok, DOh,
+                            sdol, rows_m, row_ok, HEAD_DIM_V, PRECISION, BLOCK_DV, BLOCK_DVK)
+        # The dO and Q columns of this program's outputs: the tiles above when they are whole.
+        if BLOCK_DVK == BLOCK_DV and BLOCK_DVO == BLOCK_DV:
+            do_o = do
+        else:
+            do_o = _load_rows(DOh, rows_m, row_ok, sdol, offs_vo, HEAD_DIM_V)
         if HAS_DROPOUT:
             # The tile is held transposed (keys, queries); the mask is drawn (queries, keys).
             keep = _dropout_keep_tile(seed, threshold, bh, rows_m, n0, L, S, BLOCK_N)
             keep = tl.trans(keep.to(tl.int8)) != 0
-            dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+            dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do_o.dtype), do_o, input_precision=PRECISION)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dv += tl.dot(pt.to(do_o.dtype), do_o, input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
-        if MASK_GRAD:
-            tl.store(DSh + rows_m[None, :] * sdsl + rows_n[:, None], dst,
-                     mask=row_ok[None, :] & col_ok[:, None])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        if BLOCK_DK == BLOCK_D and BLOCK_DO == BLOCK_D:
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        else:
+            q_o = _load_rows(Qh, rows_m, row_ok, sql, offs_o, HEAD_DIM)
+            dk += tl.dot(dst.to(q_o.dtype), q_o, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_KEYS"])
 def _attn_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DS,  # DK like K, DV like V; DS (B, H, L, S) float32
+    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,  # DK like K, DV like V
     CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
-    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms, sdsb, sdsh, sdsl,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
     GRID_KEYS,  # keys the grid tiles per (batch, kv head): S, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DVK: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr, CHUNKS: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
-    """dK, dV for BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
-    (in a fixed order, in registers: deterministic, no atomics)."""
-    pid_n, h_kv, b = _tile_head_batch(GRID_KEYS, BLOCK_N, H // GROUP)
+    """Head-dim chunk c of dK, dV (columns [c * BLOCK_DO, ...) and [c * BLOCK_DVO, ...)) for
+    BLOCK_N keys of one kv head, summed over the GROUP query heads that read it (in a fixed order,
+    in registers: deterministic, no atomics)."""
+    pid_n, chunk, h_kv, b = _tile_head_batch(GRID_KEYS, BLOCK_N, H // GROUP, CHUNKS)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     n0 = k_lo + pid_n * BLOCK_N
     if VARLEN:
@@ -450,14 +620,18 @@ def _attn_bwd_kv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < k_hi
     rows_n = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b64 * skb + h_kv.to(tl.int64) * skh + rows_n[:, None] * sks + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V + b64 * svb + h_kv.to(tl.int64) * svh + rows_n[:, None] * svs + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    offs_o = chunk * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    offs_vo = chunk * BLOCK_DVO + tl.arange(0, BLOCK_DVO)
+    Kn = K + b64 * skb + h_kv.to(tl.int64) * skh
+    Vn = V + b64 * svb + h_kv.to(tl.int64) * svh
+    k = Kn  # not loaded when chunked (see _bwd_kv_tiles)
+    v = Vn
+    if BLOCK_DK == BLOCK_D:
+        k = _load_rows(Kn, rows_n, col_ok, sks, tl.arange(0, BLOCK_D), HEAD_DIM)
+    if BLOCK_DVK == BLOCK_DV:
+        v = _load_rows(Vn, rows_n, col_ok, svs, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
+    dk = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DVO], dtype=tl.float32)
 
     if IS_CAUSAL:
         # Query tiles wholly above the diagonal see none of these keys and are skipped; tiles
@@ -473,69 +647,88 @@ def _attn_bwd_kv_kernel(
         bh = b * H + h
         Qh = Q + b64 * sqb + h.to(tl.int64) * sqh
         DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
-        DSh = DS + b64 * sdsb + h.to(tl.int64) * sdsh
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, lo, full, n0, rows_n, col_ok, b, h, bh,
-                               L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms, qk_scale,
-                               threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Qh, DOh, LSE, DELTA, DSh, full, q_hi, n0, rows_n, col_ok, b, h,
-                               bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, MASK, smb, smh, sml, sms,
-                               qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
-                               HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, full, n0, rows_n, col_ok,
+                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol,
+                               MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
+                               HEAD_DIM_V, True, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_M,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, BLOCK_DVO)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, full, q_hi, n0, rows_n, col_ok,
+                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol,
+                               MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
+                               HEAD_DIM_V, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_M,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, BLOCK_DVO)
 
-    dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_d[None, :]
+    dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_o[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = DV + b64 * sdvb + h_kv.to(tl.int64) * sdvh + rows_n[:, None] * sdvs + offs_dv[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+             mask=col_ok[:, None] & (offs_o[None, :] < HEAD_DIM))
+    dv_ptrs = DV + b64 * sdvb + h_kv.to(tl.int64) * sdvh + rows_n[:, None] * sdvs + offs_vo[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_vo[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
-def _bwd_q_tiles(dq, q, do, lse, delta, K, V, lo, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs,
-                 MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                 CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, lo, hi, rows_m, offs_o, chunk, b, h, bh,
+                 L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms, qk_scale,
+                 threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, CHECK_COLS: tl.constexpr,
+                 CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                 BLOCK_DVK: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr):
+    """Accumulate columns offs_o of dQ of one query tile over the key tiles [lo, hi), and with
+    MASK_GRAD store its dS rows (the float mask's gradient, row-major like the mask: coalesced).
+    ``q`` / ``do`` are the whole tiles when BLOCK_DK == BLOCK_D / BLOCK_DVK == BLOCK_DV; otherwise
+    their chunks are read from Qm / DOm."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < k_hi
         rows_n = offs_n.to(tl.int64)
-        kt = tl.load(K + rows_n[None, :] * sks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vt = tl.load(V + rows_n[None, :] * svs + offs_dv[:, None],
-                     mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = _scores(s, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh, sml, sms,
-                    CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+        if BLOCK_DK == BLOCK_D:
+            kt = _load_rows_t(K, rows_n, col_ok, sks, tl.arange(0, BLOCK_D), HEAD_DIM)
+            s = tl.dot(q, kt, input_precision=PRECISION)
+        else:
+            s = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
+                          rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+        s = _scores(s * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
+                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if BLOCK_DVK == BLOCK_DV:
+            vt = _load_rows_t(V, rows_n, col_ok, svs, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+        else:
+            dp = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOm, sdol, rows_m, row_ok, V, svs,
+                           rows_n, col_ok, HEAD_DIM_V, PRECISION, BLOCK_DV, BLOCK_DVK)
         if HAS_DROPOUT:
             keep = _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        if MASK_GRAD:  # dS does not depend on the chunk: the first one stores it
+            tl.store(DSm + rows_m[:, None] * sdsl + rows_n[None, :], ds,
+                     mask=_first_chunk(row_ok[:, None] & col_ok[None, :], rows_n[None, :], chunk, CHUNKS))
+        if BLOCK_DK == BLOCK_D and BLOCK_DO == BLOCK_D:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        else:
+            k_o = _load_rows(K, rows_n, col_ok, sks, offs_o, HEAD_DIM)
+            dq += tl.dot(ds.to(k_o.dtype), k_o, input_precision=PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_ROWS"])
 def _attn_bwd_q_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DQ,  # DQ like Q
+    Q, K, V, DO, LSE, DELTA, MASK, DQ, DS,  # DQ like Q; DS (B, H, L, S) float32
     CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-    smb, smh, sml, sms,
+    smb, smh, sml, sms, sdsb, sdsh, sdsl,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
     GRID_ROWS,  # query rows the grid tiles per (batch, head): L, or the longest sequence (varlen)
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr = False,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DVK: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr, CHUNKS: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
-    """dQ for BLOCK_M query rows of one (batch, head): each element written once, no atomics."""
-    pid_m, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H)
+    """dQ columns [c * BLOCK_DO, ...) for BLOCK_M query rows of one (batch, head), for the
+    program's head-dim chunk c: each element written once, no atomics."""
+    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
@@ -549,29 +742,36 @@ def _attn_bwd_q_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_hi
     rows_m = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows_m[:, None] * sql + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b64 * sdob + h.to(tl.int64) * sdoh + rows_m[:, None] * sdol + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    offs_o = chunk * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    Qm = Q + b64 * sqb + h.to(tl.int64) * sqh
+    DOm = DO + b64 * sdob + h.to(tl.int64) * sdoh
+    DSm = DS + b64 * sdsb + h.to(tl.int64) * sdsh
+    q = Qm  # not loaded when chunked (see _bwd_q_tiles)
+    do = DOm
+    if BLOCK_DK == BLOCK_D:
+        q = _load_rows(Qm, rows_m, row_ok, sql, tl.arange(0, BLOCK_D), HEAD_DIM)
+    if BLOCK_DVK == BLOCK_DV:
+        do = _load_rows(DOm, rows_m, row_ok, sdol, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
     lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
     K += b64 * skb + h_kv.to(tl.int64) * skh
     V += b64 * svb + h_kv.to(tl.int64) * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
 
     full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, k_lo, full, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
-                      HEAD_DIM_V, False, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
-    dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, full, hi, rows_m, b, h, bh, L, S, q_hi, k_hi, shift,
-                      sks, svs, MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
-                      HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_N, BLOCK_D,
-                      BLOCK_DV)
+    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, k_lo, full, rows_m, offs_o, chunk, b,
+                      h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms,
+                      qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, False, MASK_KIND,
+                      HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK,
+                      BLOCK_DVK, BLOCK_DO, CHUNKS)
+    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, full, hi, rows_m, offs_o, chunk, b,
+                      h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms,
+                      qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND,
+                      HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK,
+                      BLOCK_DVK, BLOCK_DO, CHUNKS)
 
-    dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_d[None, :]
+    dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_o[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+             mask=row_ok[:, None] & (offs_o[None, :] < HEAD_DIM))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,18 +787,26 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tuned_kernel(kind: str, kernel, table, block_d: int, dtype: torch.dtype):
-    """The autotuned wrapper of ``kernel`` for one (head-dim class, dtype size) config list."""
-    key = (kind, _head_dim_class(block_d), 4 if dtype == torch.float32 else 2)
+def _tuned_kernel(kind: str, kernel, table, block_d: int, block_dv: int, dtype: torch.dtype,
+                  device: torch.device, dropout: bool):
+    """The autotuned wrapper of ``kernel`` for one config list, for these head-dim blocks: the
+    list of (generation, head-dim class, element size), or with dropout its "dropout" list where
+    the table has one (the keep-mask's Philox rounds take registers that larger tiles lack)."""
+    generation, size = _generation(device), 4 if dtype == torch.float32 else 2
+    base = (generation, _head_dim_class(max(block_d, block_dv)), size)
+    list_key = base + ("dropout",) if dropout and base + ("dropout",) in table else base
+    key = (kind, block_d, block_dv, list_key)
     if key not in _tuned:
-        _tuned[key] = autotune(_triton_configs(table[key[1:]]), key=_TUNE_KEY)(kernel)
+        configs = _triton_configs(kind, table[list_key], block_d, block_dv)
+        _tuned[key] = autotune(configs, key=_TUNE_KEY)(kernel)
     return _tuned[key]
 
 
 def _grid(rows: int, block: str, heads: int, batch: int):
     """The launch grid of a kernel that tiles ``rows`` by the config's ``block`` for each (batch
-    entry, head): one axis, see ``_tile_head_batch``."""
-    return lambda meta: check_grid((triton.cdiv(rows, meta[block]) * heads * batch,), "attention")
+    entry, head) and head-dim chunk: one axis, see ``_tile_head_batch``."""
+    return lambda meta: check_grid((triton.cdiv(rows, meta[block]) * meta["CHUNKS"] * heads * batch,),
+                                   "attention")
 
 
 def _block_d(d: int) -> int:
@@ -672,7 +880,8 @@ def _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, v
     mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
     cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
     BLOCK_D, BLOCK_DV = _block_d(D), _block_d(DV)
-    kernel = _tuned_kernel("fwd", _attn_fwd_kernel, _FWD_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    kernel = _tuned_kernel("fwd", _attn_fwd_kernel, _FWD_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype, q.device,
+                           _has_dropout(dropout_p, seed))
     kernel[_grid(rows, "BLOCK_M", H, batch)](
         q, k, v, o, lse, mask, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
@@ -707,7 +916,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq, dk, dv = (_alloc(t.shape, t.dtype, t.device) for t in (q, k, v))
     mask_grad = mask_grad and attn_mask is not None
     ds = _alloc((B, H, L, S) if mask_grad else (0,), torch.float32, q.device)
-    if mask_grad and is_causal:  # the kernel skips key tiles a query tile cannot see: their dS is 0
+    if mask_grad and is_causal:  # the dQ kernel skips key tiles a query tile cannot see: their dS is 0
         ds.zero_()
     if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0 and ds.numel() == 0:
         return dq, dk, dv, (_sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None)
@@ -734,23 +943,28 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
                _keep_scale(dropout_p), _seed_arg(seed, lse), _seq_bucket(rows), _seq_bucket(keys))
 
     delta = _alloc((B, H, L), torch.float32, q.device)
-    DELTA_BLOCK_M = 16 if BLOCK_DV >= 256 else 32
+    # Rows per program of the row-sum: 16 from head dim 128 on (32 rows of fp32 o and do at head
+    # dim 128 spill on sm_90a).
+    DELTA_BLOCK_M = 16 if BLOCK_DV >= 128 else 32
     _attn_bwd_delta_kernel[check_grid((triton.cdiv(L, DELTA_BLOCK_M) * H * B,), "attention")](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, DV,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
 
-    kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype,
+                              q.device, common["HAS_DROPOUT"])
     kv_kernel[_grid(keys, "BLOCK_N", H_kv, batch)](
-        q, k, v, do, lse, delta, mask, dk, dv, ds if mask_grad else dk, cu_q, cu_k,
+        q, k, v, do, lse, delta, mask, dk, dv, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-        *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, keys, MASK_GRAD=mask_grad, **common)
+        *scalars, keys, **common)
 
-    q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, max(BLOCK_D, BLOCK_DV), q.dtype)
+    q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype,
+                             q.device, common["HAS_DROPOUT"])
     q_kernel[_grid(rows, "BLOCK_M", H, batch)](
-        q, k, v, do, lse, delta, mask, dq, cu_q, cu_k,
+        q, k, v, do, lse, delta, mask, dq, ds if mask_grad else dq, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        *mask_strides, *scalars, rows, **common)
+        *mask_strides, *(ds.stride()[:3] if mask_grad else (0, 0, 0)), *scalars, rows, MASK_GRAD=mask_grad,
+        **common)
 
 
 def _has_dropout(p: float, seed: torch.Tensor | None) -> bool:

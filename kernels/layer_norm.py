@@ -206,6 +206,27 @@ STREAM_BLOCK = 4096
 # The backward keeps x, dy, w and the dw/db sums of a row in registers: beyond 8192 elements it
 # spills (16384 at fp16, Triton 3.6), so longer rows take its streaming path.
 BWD_MAX_FUSED = 8192
+# ... and streams them in blocks of 2048 over 8 warps: three running sums and the next block's
+# loads per element spilled at 4096 over 8 warps (bf16), and 16 warps cap a thread at 128 registers.
+BWD_STREAM_BLOCK = 2048
+
+
+def _bwd_row_block(N: int) -> int:
+    block = block_size(N, BWD_MAX_FUSED)
+    return block if block >= N else BWD_STREAM_BLOCK
+
+
+def _bwd_num_warps(BLOCK_N: int, N: int, add_norm: bool = False) -> int:
+    """Warps of the backward kernels: 8 for a streamed row (see BWD_STREAM_BLOCK) and, in the norm
+    backward, from 1024 elements on (RMSNorm's with a weight spilled 16 bytes in 4 warps on
+    sm_90a, Triton 3.6). The add & norm backward also holds dpre and its dropout bits: at least
+    4 warps from 512 elements on (2 spilled 12 bytes on sm_80)."""
+    if BLOCK_N < N:
+        return 8
+    warps = num_warps_for(BLOCK_N)
+    if add_norm:
+        return max(warps, 4) if BLOCK_N >= 512 else warps
+    return max(warps, 8) if BLOCK_N >= 1024 else warps
 
 
 def _row_block(N: int, max_fused: int = MAX_FUSED_ELEMENTS) -> int:
@@ -250,13 +271,13 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=x.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=x.device)
     if M > 0 and N > 0:
-        BLOCK_N = _row_block(N, BWD_MAX_FUSED)
+        BLOCK_N = _bwd_row_block(N)
         _norm_bwd_kernel[check_grid((programs,), "norm")](
             x, weight if has_w else x, dy, dx, mean if mean is not None else rstd, rstd,
             dw_part, db_part, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
             IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias,
             ACC=acc_dtype(x.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
-            num_warps=num_warps_for(BLOCK_N),
+            num_warps=_bwd_num_warps(BLOCK_N, N),
         )
     dw = sum_partials(dw_part, weight.dtype) if has_w else None
     db = sum_partials(db_part, weight.dtype if has_w else x.dtype) if has_bias else None
@@ -536,7 +557,7 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
     dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=pre.device)
     db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
     if M > 0 and N > 0:
-        BLOCK_N = _row_block(N, BWD_MAX_FUSED)
+        BLOCK_N = _bwd_row_block(N)
         _dropout_add_norm_bwd_kernel[check_grid((programs,), "dropout_add_norm")](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,
@@ -544,7 +565,7 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
             keep_scale(p), DROPOUT=seed is not None and p > 0.0, HAS_DPRE=dpre is not None,
             HAS_DRES=has_res, HAS_W=has_w, HAS_B=has_bias,
             ACC=acc_dtype(pre.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
-            num_warps=num_warps_for(BLOCK_N),
+            num_warps=_bwd_num_warps(BLOCK_N, N, add_norm=True),
         )
     dw = sum_partials(dw_part, weight.dtype) if has_w else None
     db = sum_partials(db_part, bias_dtype) if has_bias else None

@@ -156,6 +156,28 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+# The GPU the interpreter stands in for, when a launcher picks configs by GPU generation.
+INTERPRETER_CAPABILITY = 90
+
+
+def gpu_capability(device: torch.device) -> int:
+    """Compute capability (10 * major + minor, e.g. 90 for an H100) of the GPU that runs a launch
+    on ``device``: the device's own for CUDA tensors; INTERPRETER_CAPABILITY under the interpreter;
+    otherwise the target of Triton's active driver (the ahead-of-time compile tools set one for
+    launches on CPU tensors that are recorded, never run)."""
+    if device.type == "cuda":
+        return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    if INTERPRET:
+        return INTERPRETER_CAPABILITY
+    return int(triton.runtime.driver.active.get_current_target().arch)
+
+
 # Persistent programs under the interpreter, which runs programs one after another: a handful keeps
 # multi-program reductions exercised. Tests raise it to a GPU's count (132 SMs x 4 on an H100) to
 # run the many-programs path on the CPU too.

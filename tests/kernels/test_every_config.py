@@ -38,7 +38,7 @@ def kernels():
 # Head dims in each class that are not powers of two (the BLOCK_D padding is exercised too).
 HEAD_DIMS = {64: 40, 128: 96, 256: 200}
 TABLES = ("_FWD_CONFIGS", "_BWD_KV_CONFIGS", "_BWD_Q_CONFIGS")
-MAX_LIST = 5  # the longest attention config list
+MAX_TILINGS = 15  # the most distinct tilings of one head-dim class's lists (see _tilings)
 
 
 def _qkv(B, H, H_kv, L, S, D):
@@ -64,47 +64,98 @@ def _keep_mask(B, H, L, S, p, seed):
     return keep
 
 
-@pytest.mark.parametrize("index", range(MAX_LIST))
-@pytest.mark.parametrize("size", [2, 4], ids=["fp16-lists", "fp32-lists"])
+def _tilings(attention, cls: int, dropout: bool):
+    """Per table (TABLES order), the distinct tilings -- (BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DO) --
+    of every list of head-dim class ``cls``, both GPU generations and both element sizes, for
+    plain launches or for dropout ones, as config tuples. The interpreter runs a program's
+    operations one after another whatever num_warps and num_stages say, so two configs that differ
+    only in those compute the same thing: one run proves both."""
+    lists = []
+    for name in TABLES:
+        table, seen = getattr(attention, name), {}
+        for key in ((g, cls, size) for g in (90, 80) for size in (2, 4)):
+            entries = table.get(key + ("dropout",), table[key]) if dropout else table[key]
+            for m, n, _, _, *chunks in entries:
+                seen.setdefault((m, n, *(chunks or (0, 0))), None)
+        lists.append([(m, n, 4, 1, dk, do) for m, n, dk, do in seen])
+    return lists
+
+
+@pytest.mark.parametrize("index", range(MAX_TILINGS))
 @pytest.mark.parametrize("cls", list(HEAD_DIMS))
-def test_attention_config(kernels, monkeypatch, cls, size, index):
-    """Config ``index`` of the (head-dim class, element size) lists of all three attention kernels
-    (the last one of a shorter list), forward and backward, at every kind of tile boundary.
+def test_attention_config(kernels, monkeypatch, cls, index):
+    """Tiling ``index`` of every config list of head-dim class ``cls`` (both GPU generations, both
+    element sizes; the last one of a shorter list) of all three attention kernels, forward and
+    backward, at every kind of tile boundary.
 
     The interpreter computes in fp32 whatever the list (it has no registers or shared memory to
     run out of, and fp16 arithmetic there is slow), so the fp16/bf16 lists run on fp32 inputs:
-    what is proven is the tiling, the dtype paths are test_attention's."""
+    what is proven is the tiling and the head-dim chunking, the dtype paths are test_attention's."""
     attention = kernels("attention")
-    if index >= max(len(getattr(attention, t)[(cls, size)]) for t in TABLES):
-        pytest.skip(f"the ({cls}, {size}-byte) lists have fewer than {index + 1} configs")
-    for name in TABLES:
+    plain, with_dropout = _tilings(attention, cls, False), _tilings(attention, cls, True)
+    run_plain, run_dropout = (index < max(map(len, lists)) for lists in (plain, with_dropout))
+    if not (run_plain or run_dropout):
+        pytest.skip(f"head-dim class {cls} has fewer than {index + 1} tilings")
+    key = (90, cls, 4)  # the interpreter's lists (Hopper's) for fp32 inputs
+    monkeypatch.setattr(kernels("utils"), "INTERPRETER_CAPABILITY", 90)
+    for name, plain_list, dropout_list in zip(TABLES, plain, with_dropout):
         table = dict(getattr(attention, name))
-        table[(cls, 4)] = table[(cls, size)]
+        table[key], table[key + ("dropout",)] = plain_list, dropout_list  # fp32 inputs run these
         monkeypatch.setattr(attention, name, table)
     monkeypatch.setattr(attention, "_tuned", {})
     D = HEAD_DIMS[cls]
     with kernels("utils").autotune_setting(index):
-        # One query row against 300 keys; grouped heads; a (B, 1, 1, S) padding mask read
-        # through stride-0 head and row axes.
-        _check_attention([*_qkv(1, 2, 1, 1, 300, D), torch.rand(1, 1, 1, 300) > 0.3], enable_gqa=True)
-        # Causal with L > S: the bottom rows see every key.
-        _check_attention(_qkv(1, 1, 1, 300, 63, D), is_causal=True)
-        # A float mask with a gradient (a row fully at -inf included): the dS buffer.
-        mask = torch.randn(1, 1, 129, 63)
-        mask[:, :, 5] = float("-inf")
-        _check_attention([*_qkv(1, 1, 1, 129, 63, D), mask.requires_grad_()])
-        # A single key: the softmax is constant, so only v takes a gradient.
-        q, k, v = _qkv(1, 1, 1, 63, 1, D)
-        _check_attention([q.detach(), k.detach(), v])
-        # Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask.
-        keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
+        if run_plain:
+            # One query row against 300 keys; grouped heads; a (B, 1, 1, S) padding mask read
+            # through stride-0 head and row axes.
+            _check_attention([*_qkv(1, 2, 1, 1, 300, D), torch.rand(1, 1, 1, 300) > 0.3], enable_gqa=True)
+            # Causal with L > S: the bottom rows see every key.
+            _check_attention(_qkv(1, 1, 1, 300, 63, D), is_causal=True)
+            # A float mask with a gradient (a row fully at -inf included): the dS buffer.
+            mask = torch.randn(1, 1, 129, 63)
+            mask[:, :, 5] = float("-inf")
+            _check_attention([*_qkv(1, 1, 1, 129, 63, D), mask.requires_grad_()])
+            # A single key: the softmax is constant, so only v takes a gradient.
+            q, k, v = _qkv(1, 1, 1, 63, 1, D)
+            _check_attention([q.detach(), k.detach(), v])
+        if run_dropout:
+            # Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask.
+            keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
 
-        def with_dropout(q, k, v):
-            torch.manual_seed(11)
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+            def dropped(q, k, v):
+                torch.manual_seed(11)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True,
+                                                      enable_gqa=True)
 
-        check_op(with_dropout, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
-                 _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+            check_op(dropped, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
+                     _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+
+
+def test_generation_picks_its_lists(kernels, monkeypatch):
+    """A launch takes the lists of its GPU generation: sm_80's below compute capability 9.0."""
+    attention = kernels("attention")
+    for capability, generation in ((80, 80), (86, 80), (89, 80), (90, 90), (100, 90)):
+        monkeypatch.setattr(kernels("utils"), "INTERPRETER_CAPABILITY", capability)
+        monkeypatch.setattr(attention, "_tuned", {})
+        tuned = attention._tuned_kernel("fwd", attention._attn_fwd_kernel, attention._FWD_CONFIGS, 64, 64,
+                                        torch.float16, torch.device("cpu"), dropout=False)
+        expected = attention._triton_configs("fwd", attention._FWD_CONFIGS[(generation, 64, 2)], 64, 64)
+        assert [c.all_kwargs() for c in tuned.configs] == [c.all_kwargs() for c in expected], capability
+
+
+def test_lists_fit_the_sweep(kernels):
+    """MAX_TILINGS covers every head-dim class's tilings, and each list is keyed by a GPU
+    generation, a head-dim class and an element size (optionally for dropout):
+    test_attention_config runs them all."""
+    attention = kernels("attention")
+    for name in TABLES:
+        for key, entries in getattr(attention, name).items():
+            assert len(entries) <= 4, (name, key)  # what an autotuner on a GPU can afford to try
+            assert key[:3] in {(g, c, s) for g in (90, 80) for c in HEAD_DIMS for s in (2, 4)}, (name, key)
+            assert key[3:] in ((), ("dropout",)), (name, key)
+    for cls in HEAD_DIMS:
+        for dropout in (False, True):
+            assert max(map(len, _tilings(attention, cls, dropout))) <= MAX_TILINGS, (cls, dropout)
 
 
 def test_every_config_is_pinned(kernels):
@@ -214,12 +265,13 @@ def test_embedding_long_runs(kernels, constants):
 
 def test_causal_mask_gradient_from_unwritten_buffers(kernels, monkeypatch):
     """A causal launch with a float mask gradient: key tiles right of a query tile are skipped by
-    the dK/dV kernel, so their dS entries are never written; they must read as 0, not as whatever
-    the buffer held (buffers come NaN-filled here). Every config's tiling, against float64."""
+    the dQ kernel (which stores dS), so their dS entries are never written; they must read as 0,
+    not as whatever the buffer held (buffers come NaN-filled here). Every config of the fp32
+    head-dim-64 lists, against float64."""
     attention = kernels("attention")
     monkeypatch.setattr(attention, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
-    for index in range(MAX_LIST):
+    for index in range(len(attention._FWD_CONFIGS[(90, 64, 4)])):
         with kernels("utils").autotune_setting(index):
             q, k, v = (t.detach() for t in _qkv(1, 2, 1, 97, 130, 40))
             mask = torch.randn(1, 2, 97, 130)
