@@ -170,6 +170,12 @@ def attention_launches():
                         mask = torch.randn(B, H, L, S).to(dtype)
                     o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, _SEED)
                     attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, _SEED, mask_grad)
+        # A value head dim wider than the query/key one: their blocks (and chunks) differ.
+        with case(f"{_dt(dtype)} D=64 Dv=128 plain"):
+            q, k, v = torch.randn(B, H, L, 64).to(dtype), torch.randn(B, H, S, 64).to(dtype), torch.randn(
+                B, H, S, 128).to(dtype)
+            o, lse = attention.attention_fwd(q, k, v, None, False, None, 0.0, None)
+            attention.attention_bwd(o, q, k, v, o, lse, None, False, None, 0.0, None, False)
 
 
 @spec("attention varlen")
