@@ -3,6 +3,8 @@
     python -m benchmarks.compile_report                  # every launch x config, sm_90a and sm_80
     python -m benchmarks.compile_report --cover --check  # CI: a covering subset; exit 1 on a finding
     python -m benchmarks.compile_report --targets sm_90a --jobs 16 --out report.json
+    python -m benchmarks.compile_report --families attention --out /tmp/attention.json  # one file
+    python -m benchmarks.compile_report --merge /tmp/attention.json  # ...refreshed in the full report
 
 Finding the launches. ``benchmarks/compile_specs.py`` calls each kernel file's launchers on CPU
 tensors. A stand-in driver tells Triton's JIT that the current device is the target GPU, so the
@@ -356,12 +358,17 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--out", help="JSON report (default: benchmarks/results/compile-triton<ver>.json)")
     parser.add_argument("--quiet", action="store_true", help="no table, only the summary and findings")
+    parser.add_argument("--merge", metavar="PARTIAL",
+                        help="compile nothing: put PARTIAL's rows (a --families run) into the --out report "
+                             "in place of the rows of the same kernel files, then summarise and check it")
     parser.add_argument("--known", help="a file of findings (one per line, shell-style patterns allowed) "
                                         "that are reported but do not fail --check: measured, not yet fixed")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
+    if args.merge:
+        return _merge(args.merge, args.out or _default_out(triton.__version__, False), args.check, args.known)
     targets = args.targets.split(",")
     jobs, problems = [], []
     for target in targets:
@@ -390,15 +397,28 @@ def main(argv=None) -> int:
     report = {"triton": triton.__version__, "python": platform.python_version(), "targets": targets,
               "mode": "cover" if args.cover else "full", "summary": stats, "findings": problems,
               "rows": rows}
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"compile-triton{triton.__version__}{'-cover' if args.cover else ''}.json")
+    out = args.out or _default_out(triton.__version__, args.cover)
+    _write(report, out)
+    return _report_findings(problems, out, args.check, args.known)
+
+
+def _default_out(version: str, cover: bool) -> str:
+    name = f"compile-triton{version}{'-cover' if cover else ''}.json"
+    return os.path.join(os.path.dirname(__file__), "results", name)
+
+
+def _write(report: dict, out: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1, default=str)
-    print(json.dumps(stats))
+    print(json.dumps(report["summary"]))
+
+
+def _report_findings(problems: list[str], out: str, check: bool, known_file: str | None) -> int:
+    """Print the findings (known ones marked); 1 if ``check`` and any is not known."""
     known = set()
-    if args.known and os.path.exists(args.known):
-        with open(args.known) as f:
+    if known_file and os.path.exists(known_file):
+        with open(known_file) as f:
             known = {line.strip() for line in f if line.strip() and not line.startswith("#")}
     literal = lambda text: text.replace("[", "\x00").replace("]", "\x01")  # brackets are not wildcards
     patterns = [re.compile(fnmatch.translate(literal(k))) for k in known]
@@ -406,7 +426,31 @@ def main(argv=None) -> int:
     for p in problems:
         print("KNOWN FINDING:" if p not in new else "FINDING:", p)
     print(f"report: {out}")
-    return 1 if (args.check and new) else 0
+    return 1 if (check and new) else 0
+
+
+def _merge(partial_path: str, out: str, check: bool, known_file: str | None) -> int:
+    """Refresh a full report with a run over some kernel files (after a change to those files
+    only): the partial run's rows replace the rows of the same modules, the others are kept."""
+    with open(partial_path) as f:
+        partial = json.load(f)
+    with open(out) as f:
+        full = json.load(f)
+    if (partial["triton"], partial["targets"]) != (full["triton"], full["targets"]):
+        raise SystemExit(f"{partial_path} (Triton {partial['triton']}, {partial['targets']}) does not fit "
+                         f"{out} (Triton {full['triton']}, {full['targets']})")
+    modules = {r["module"] for r in partial["rows"]}
+    kept = [r for r in full["rows"] if r["module"] not in modules]
+    rows = partial["rows"] + kept
+    problems = findings(rows)
+    full.update(summary=summary(rows) | {"wall_seconds": partial["summary"]["wall_seconds"],
+                                         "jobs": partial["summary"]["jobs"]},
+                findings=problems, rows=rows,
+                refreshed={"modules": sorted(modules), "compiles": len(partial["rows"]),
+                           "wall_seconds": partial["summary"]["wall_seconds"],
+                           "kept_from_earlier_run": len(kept)})
+    _write(full, out)
+    return _report_findings(problems, out, check, known_file)
 
 
 def _finding_key(finding: str) -> str:

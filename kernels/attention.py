@@ -72,8 +72,9 @@ accumulators in registers runs out of them at large head dims: ptxas then spills
 A config can cut the head dim in two ways (see the config tables): the q.k and dO.v products summed
 over column chunks loaded one at a time (``BLOCK_DK``), and each program computing only a chunk of
 its output columns (``BLOCK_DO``), ceil(head dim / BLOCK_DO) programs sharing a tile and each
-recomputing its scores. Whole-width configs (the common fp16/bf16 case) keep their tiles loaded
-once, outside the key loop.
+recomputing its scores (the grid holds a program per chunk of the power-of-two block; those whose
+columns all lie past the head dim return at once, and the q.k chunk loop stops at the head dim).
+Whole-width configs (the common fp16/bf16 case) keep their tiles loaded once, outside the key loop.
 
 Block sizes, warps, pipeline stages and chunk widths come from ``kernels.utils.autotune`` over a
 short list per (GPU generation, head-dim class, dtype size, kernel) keyed by the head-dim blocks,
@@ -138,7 +139,7 @@ _FWD_CONFIGS = {
     (90, 256, 2): [(128, 32, 8, 2), (128, 32, 8, 2, 0, 128), (64, 32, 4, 2), (64, 64, 4, 2, 0, 128)],
     (90, 256, 2, "dropout"): [(128, 32, 8, 2, 0, 128), (128, 32, 8, 2, 64, 128), (128, 32, 8, 2, 128, 128)],
     (90, 64, 4): [(128, 32, 8, 2), (128, 32, 8, 2, 32, 0), (128, 32, 8, 2, 16, 0), (64, 32, 8, 2)],
-    (90, 64, 4, "dropout"): [(128, 32, 8, 2, 32, 0), (128, 32, 8, 2, 16, 0), (64, 32, 4, 1)],
+    (90, 64, 4, "dropout"): [(64, 32, 4, 1)],
     (90, 128, 4): [(128, 32, 8, 2, 32, 64), (64, 32, 4, 2, 32, 64)],
     (90, 128, 4, "dropout"): [(64, 16, 4, 2, 32, 64)],
     (90, 256, 4): [(128, 32, 8, 2, 32, 64), (128, 32, 8, 2, 32, 32),
@@ -178,11 +179,11 @@ _BWD_KV_CONFIGS = {
     (90, 256, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
     (80, 64, 2): [(128, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
     (80, 64, 2, "dropout"): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
-    (80, 128, 2): [(16, 64, 8, 1, 64, 0), (16, 32, 8, 1), (32, 32, 8, 1, 0, 64), (16, 64, 8, 1, 0, 64)],
+    (80, 128, 2): [(16, 64, 8, 1, 64, 0), (16, 32, 8, 1), (32, 32, 8, 1, 0, 64)],
     (80, 128, 2, "dropout"): [(16, 32, 8, 1)],
     (80, 256, 2): [(32, 32, 8, 1, 64, 0), (16, 64, 8, 1, 64, 0),
                    (16, 64, 8, 1, 0, 128), (16, 32, 8, 1, 64, 0)],
-    (80, 256, 2, "dropout"): [(16, 32, 8, 1, 64, 0), (32, 32, 8, 1, 64, 128)],
+    (80, 256, 2, "dropout"): [(16, 32, 8, 1, 64, 0)],
     (80, 64, 4): [(32, 32, 8, 1, 32, 0), (32, 32, 8, 1, 16, 0), (16, 64, 8, 1, 32, 0), (16, 64, 8, 1, 16, 0)],
     (80, 64, 4, "dropout"): [(16, 32, 8, 1, 32, 0), (16, 32, 8, 1, 16, 0)],
     (80, 128, 4): [(16, 32, 8, 1, 32, 0), (16, 32, 8, 1, 64, 0),
@@ -212,9 +213,8 @@ _BWD_Q_CONFIGS = {
     (80, 128, 2, "dropout"): [(32, 128, 8, 2), (32, 32, 4, 1)],
     (80, 256, 2): [(32, 32, 8, 2), (64, 32, 8, 2, 0, 128), (32, 32, 4, 2)],
     (80, 256, 2, "dropout"): [(32, 32, 8, 2), (64, 32, 8, 2, 0, 128)],
-    (80, 64, 4): [(32, 32, 8, 1, 32, 0), (32, 32, 8, 1, 16, 0), (64, 16, 8, 1, 32, 0), (64, 16, 8, 1, 16, 0)],
-    (80, 128, 4): [(32, 32, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0),
-                   (64, 16, 8, 1, 64, 0), (32, 32, 4, 1, 32, 0)],
+    (80, 64, 4): [(32, 32, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0), (64, 16, 8, 1, 16, 0)],
+    (80, 128, 4): [(32, 32, 8, 1, 32, 0), (64, 16, 8, 1, 32, 0), (64, 16, 8, 1, 64, 0)],
     (80, 256, 4): [(64, 16, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64),
                    (64, 16, 8, 1, 32, 64), (64, 16, 8, 1, 64, 64)],
     (80, 256, 4, "dropout"): [(64, 16, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64), (64, 16, 8, 1, 32, 64)],
@@ -351,12 +351,14 @@ def _load_rows_t(P, rows, ok, stride, cols, ncols):
 
 @triton.jit
 def _dot_rows(acc, A, sa, rows_a, ok_a, B, sb, rows_b, ok_b, ncols, PRECISION: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+              BLOCK_DK: tl.constexpr):
     """acc + A[rows_a, :ncols] @ B[rows_b, :ncols]^T, summed over column chunks of BLOCK_DK, each
     loaded right before its product: registers hold one chunk of either operand, not a whole row.
     A loop, not unrolled: unrolled, the compiler hoists every chunk's loads and keeps a shared-memory
-    buffer per chunk (260 KB at fp32, head dim 128), which defeats the purpose."""
-    for d0 in range(0, BLOCK_D, BLOCK_DK):
+    buffer per chunk (260 KB at fp32, head dim 128), which defeats the purpose. It stops at the
+    head dim, not at its power-of-two block: no product of padding columns (head dim 80 in a
+    128-wide block takes 3 chunks of 32, not 4)."""
+    for d0 in range(0, ncols, BLOCK_DK):
         cols = d0 + tl.arange(0, BLOCK_DK)
         acc = tl.dot(_load_rows(A, rows_a, ok_a, sa, cols, ncols),
                      _load_rows_t(B, rows_b, ok_b, sb, cols, ncols), acc, input_precision=PRECISION)
@@ -417,7 +419,7 @@ def _fwd_tiles(acc, l_i, m_i, q, Qm, sql, row_ok, K, V, lo, hi, rows_m, offs_o, 
             qk = tl.dot(q, kt, input_precision=PRECISION)
         else:
             qk = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
-                           rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+                           rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         s = _scores(qk * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
                     sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -454,6 +456,9 @@ def _attn_fwd_kernel(
     """Output columns [c * BLOCK_DVO, (c + 1) * BLOCK_DVO) of BLOCK_M query rows of one (batch,
     head), for the program's head-dim chunk c; chunk 0 also writes the rows' lse."""
     pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
+    if CHUNKS > 1:
+        if chunk * BLOCK_DVO >= HEAD_DIM_V:  # a chunk wholly in the block's padding columns
+            return
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
@@ -558,7 +563,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n,
             st = tl.dot(k, qt, input_precision=PRECISION)
         else:
             st = _dot_rows(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), Kn, sks, rows_n, col_ok, Qh, sql,
-                           rows_m, row_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+                           rows_m, row_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         st = _scores(st * qk_scale, rows_m[None, :], rows_n[:, None], b, h, q_hi, k_hi, shift, MASK, smb, smh,
                      sml, sms, False, CHECK_CAUSAL, MASK_KIND)
         pt = tl.math.exp2(st - lse[None, :])
@@ -567,7 +572,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n,
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         else:
             dpt = _dot_rows(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), Vn, svs, rows_n, col_ok, DOh,
-                            sdol, rows_m, row_ok, HEAD_DIM_V, PRECISION, BLOCK_DV, BLOCK_DVK)
+                            sdol, rows_m, row_ok, HEAD_DIM_V, PRECISION, BLOCK_DVK)
         # The dO and Q columns of this program's outputs: the tiles above when they are whole.
         if BLOCK_DVK == BLOCK_DV and BLOCK_DVO == BLOCK_DV:
             do_o = do
@@ -609,6 +614,9 @@ def _attn_bwd_kv_kernel(
     BLOCK_N keys of one kv head, summed over the GROUP query heads that read it (in a fixed order,
     in registers: deterministic, no atomics)."""
     pid_n, chunk, h_kv, b = _tile_head_batch(GRID_KEYS, BLOCK_N, H // GROUP, CHUNKS)
+    if CHUNKS > 1:
+        if (chunk * BLOCK_DO >= HEAD_DIM) & (chunk * BLOCK_DVO >= HEAD_DIM_V):  # padding columns only
+            return
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     n0 = k_lo + pid_n * BLOCK_N
     if VARLEN:
@@ -686,7 +694,7 @@ def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, lo, hi, rows
             s = tl.dot(q, kt, input_precision=PRECISION)
         else:
             s = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
-                          rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_D, BLOCK_DK)
+                          rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         s = _scores(s * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
                     sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
@@ -695,7 +703,7 @@ def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, lo, hi, rows
             dp = tl.dot(do, vt, input_precision=PRECISION)
         else:
             dp = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOm, sdol, rows_m, row_ok, V, svs,
-                           rows_n, col_ok, HEAD_DIM_V, PRECISION, BLOCK_DV, BLOCK_DVK)
+                           rows_n, col_ok, HEAD_DIM_V, PRECISION, BLOCK_DVK)
         if HAS_DROPOUT:
             keep = _dropout_keep_tile(seed, threshold, bh, rows_m, start_n, L, S, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
@@ -729,6 +737,9 @@ def _attn_bwd_q_kernel(
     """dQ columns [c * BLOCK_DO, ...) for BLOCK_M query rows of one (batch, head), for the
     program's head-dim chunk c: each element written once, no atomics."""
     pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
+    if CHUNKS > 1:
+        if chunk * BLOCK_DO >= HEAD_DIM:  # padding columns only (never chunk 0, which stores dS)
+            return
     q_lo, q_hi, k_lo, k_hi, shift = _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN)
     m0 = q_lo + pid_m * BLOCK_M
     if VARLEN:
