@@ -99,8 +99,10 @@ from .utils import (PER_CALL_ARGS, autotune, check_grid, dropout_counters, dropo
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Float-mask values are clamped to this before the log2(e) scaling, so finfo(float32).min stays
-# finite (it would overflow to -inf): an all-"min" row then averages V as torch's math does.
-MASK_FLOOR = tl.constexpr(-1.0e38)
+# finite (it would overflow to -inf): an all-"min" row then averages V as torch's math does. It is
+# the lowest float32 whose log2(e) multiple is finite: values above it keep their differences
+# (a row of -1e38 and -3e38 attends the -1e38 keys only, as torch's), only values below collapse.
+MASK_FLOOR = tl.constexpr(-2.3e38)
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 MAX_HEAD_DIM = 256
@@ -285,7 +287,9 @@ def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
             qk = tl.where(tl.load(mask_ptrs, mask=in_bounds, other=0) != 0, qk, float("-inf"))
         else:
             bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, MASK_FLOOR))
+            # A NaN in the mask stays NaN (the row's output and gradients are NaN, as torch's).
+            bias = tl.where(bias == float("-inf"), bias,
+                            tl.maximum(bias, MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL))
             qk = qk + bias * LOG2E
     if CHECK_COLS:
         qk = tl.where(cols < S, qk, float("-inf"))
@@ -380,12 +384,16 @@ def _sequence_bounds(CU_Q, CU_K, b, L, S, VARLEN: tl.constexpr):
     """(q_lo, q_hi, k_lo, k_hi, causal shift) of the rows and keys of batch index b: in
     varlen mode, sequence b of the packed tokens, [cu_q[b], cu_q[b + 1]) and [cu_k[b], cu_k[b + 1]),
     causal bottom-right aligned (shift = k_hi - q_hi, as flash-attn's varlen functions); else the
-    whole [0, L) and [0, S) of batch entry b, causal top-left aligned (shift 0)."""
+    whole [0, L) and [0, S) of batch entry b, causal top-left aligned (shift 0).
+
+    Offsets are clamped into [0, L] / [0, S], a sequence's end to no less than its start, so bad
+    ones (the front reports them: at the call on CPU, by a device-side assertion on CUDA) never
+    reach past the tokens."""
     if VARLEN:
-        q_lo = tl.load(CU_Q + b).to(tl.int32)
-        q_hi = tl.load(CU_Q + b + 1).to(tl.int32)
-        k_lo = tl.load(CU_K + b).to(tl.int32)
-        k_hi = tl.load(CU_K + b + 1).to(tl.int32)
+        q_lo = tl.minimum(tl.maximum(tl.load(CU_Q + b).to(tl.int32), 0), L)
+        q_hi = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1).to(tl.int32), q_lo), L)
+        k_lo = tl.minimum(tl.maximum(tl.load(CU_K + b).to(tl.int32), 0), S)
+        k_hi = tl.minimum(tl.maximum(tl.load(CU_K + b + 1).to(tl.int32), k_lo), S)
         shift = k_hi - q_hi
     else:
         q_lo = b * 0

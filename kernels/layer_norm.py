@@ -280,7 +280,7 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
             num_warps=_bwd_num_warps(BLOCK_N, N),
         )
     dw = sum_partials(dw_part, weight.dtype) if has_w else None
-    db = sum_partials(db_part, weight.dtype if has_w else x.dtype) if has_bias else None
+    db = sum_partials(db_part, weight.dtype if has_w else rstd.dtype) if has_bias else None
     return dx, dw, db
 
 
@@ -295,8 +295,8 @@ def layer_norm_fwd(x, weight, bias, eps: float):
 def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias: bool):
     """Gradients of :func:`layer_norm_fwd`. dy, x: (M, N); mean, rstd: (M,) from the forward.
 
-    Returns dx (M, N) in x's dtype; dweight, dbias (N,) in the weight's dtype, or None when there
-    is no weight / ``has_bias`` is False.
+    Returns dx (M, N) in x's dtype; dweight, dbias (N,) in the weight's dtype (dbias in rstd's
+    without a weight), or None when there is no weight / ``has_bias`` is False.
     """
     return _norm_bwd(dy, x, weight, mean, rstd, has_bias, is_rms=False)
 

@@ -203,3 +203,14 @@ def unaliased(results: Sequence[torch.Tensor | None], inputs: Sequence[torch.Ten
             seen.add(r.untyped_storage().data_ptr())
         out.append(r)
     return out
+
+
+def as_output(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``t.view(shape)`` as a tensor of its own, not a view: what an operator returns for a kernel's
+    (rows, N) result. Autograd forbids changing in place a view made inside a custom function, so
+    a viewed output would make ``y = layer_norm(x); y.relu_()`` raise where torch's works. ``t``
+    is the launcher's fresh buffer, held by no one else: sharing its storage is safe."""
+    v = t.view(shape)
+    if not v._is_view():
+        return v
+    return v.new_empty(0).set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())

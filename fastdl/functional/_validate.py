@@ -17,6 +17,12 @@ def check_floating(name: str, tensor: torch.Tensor | None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
+def check_bool(name: str, value) -> None:
+    """TypeError unless ``value`` is a bool (PyTorch's ops take no int, None or tensor for a flag)."""
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 _CPU = torch.device("cpu")
 
 
@@ -49,10 +55,12 @@ def check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
-def check_param_dtypes(input: torch.Tensor, params: dict[str, torch.Tensor | None]) -> None:
-    """TypeError unless the given parameters share one dtype that is ``input``'s, or float32 for an
-    fp16/bf16 input (autocast's mix) -- the combinations torch's layer and batch norm accept."""
-    dtype = input.dtype
+def check_param_dtypes(input: torch.Tensor | torch.dtype, params: dict[str, torch.Tensor | None],
+                       input_name: str = "input") -> None:
+    """TypeError unless the given parameters share one dtype that is ``input``'s (a tensor, or the
+    dtype of what is normalised), or float32 for an fp16/bf16 input (autocast's mix) -- the
+    combinations torch's layer and batch norm accept."""
+    dtype = input if isinstance(input, torch.dtype) else input.dtype
     for t in params.values():
         if t is not None and t.dtype != dtype:
             break
@@ -62,11 +70,11 @@ def check_param_dtypes(input: torch.Tensor, params: dict[str, torch.Tensor | Non
     dtypes = set(given.values())
     if not dtypes:
         return
-    low = input.dtype in (torch.float16, torch.bfloat16)
-    if len(dtypes) > 1 or not (dtypes == {input.dtype} or (low and dtypes == {torch.float32})):
-        listed = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
-        raise TypeError(f"input is {input.dtype} but {listed}: parameters must have the input's dtype "
-                        "(or all be float32 for a float16/bfloat16 input)")
+    low = dtype in (torch.float16, torch.bfloat16)
+    if len(dtypes) > 1 or not (dtypes == {dtype} or (low and dtypes == {torch.float32})):
+        listed = ", ".join(f"{name} {t}" for name, t in given.items())
+        raise TypeError(f"{input_name} is {dtype} but {listed}: parameters must have the {input_name}'s "
+                        "dtype (or all be float32 for a float16/bfloat16 one)")
 
 
 def as_shape(name: str, shape) -> tuple[int, ...]:

@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (autocast_dtype, autocast_to, eager_torch_path, fake_like, operator, or_empty, path,
-                       recompute_grads,
-                       seeded)
+from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake_like, operator,
+                       or_empty, path, recompute_grads, seeded)
 from ._random import draw_seed
-from ._validate import all_cpu, broadcast, check_floating, check_same_device
+from ._validate import all_cpu, broadcast, check_bool, check_floating, check_same_device, eager_index_check
 
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,14 +41,15 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> tu
     check_floating("query", query)
     check_floating("key", key)
     check_floating("value", value)
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    check_bool("is_causal", is_causal)
     if not all_cpu(query, key, value, attn_mask):
         check_same_device("query", {"query": query, "key": key, "value": value, "attn_mask": attn_mask})
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, key and value must have the same dtype, got {query.dtype}, {key.dtype} "
                         f"and {value.dtype}")
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise TypeError(f"attn_mask must be bool (True = attend), float32 or of query's dtype "
                             f"{query.dtype}, got {attn_mask.dtype}")
@@ -91,7 +91,7 @@ def _check_broadcast(q_shape, k_shape, v_shape, enable_gqa) -> None:
     if k_lead == v_shape[:-2] and q_shape[:-drop] == (k_lead if drop == 2 else k_shape[:-drop]):
         return  # fast path: equal leading dims broadcast (value then equals key on :-drop too)
     if (broadcast(q_shape[:-drop], k_shape[:-drop], v_shape[:-drop]) is None
-            or broadcast(k_shape[:-2], v_shape[:-2]) is None):
+            or broadcast(k_shape[:-drop], v_shape[:-drop]) is None):
         raise ValueError(f"the batch and head dims of query {tuple(q_shape)}, key {tuple(k_shape)} "
                          f"and value {tuple(v_shape)} do not broadcast together")
 
@@ -99,10 +99,10 @@ def _check_broadcast(q_shape, k_shape, v_shape, enable_gqa) -> None:
 def _check_gqa(query, key, value, enable_gqa) -> None:
     if not enable_gqa or query.dim() < 3:
         return
-    H, H_kv = query.shape[-3], key.shape[-3]
-    if value.shape[-3] != H_kv or H_kv == 0 or H % H_kv:
-        raise ValueError(f"enable_gqa=True needs query heads (dim -3, {H}) to be a multiple of key and "
-                         f"value heads ({H_kv}, {value.shape[-3]})")
+    H, H_k, H_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if H_k == 0 or H_v == 0 or H % H_k or H % H_v:  # torch repeats key and value heads apart
+        raise ValueError(f"enable_gqa=True needs query heads (dim -3, {H}) to be a multiple of key "
+                         f"heads ({H_k}) and of value heads ({H_v})")
 
 
 def _unsupported(query, key, value, attn_mask, enable_gqa, name: str) -> str | None:
@@ -113,6 +113,8 @@ def _unsupported(query, key, value, attn_mask, enable_gqa, name: str) -> str | N
     if not query.dim() == key.dim() == value.dim() or query.dim() > 4:
         return "the kernel takes 2-, 3- or 4-dim query, key and value of the same rank"
     if query.dim() >= 3:
+        if key.shape[-3] != value.shape[-3]:
+            return "key and value with different head counts are left to torch"
         if query.shape[:-3] != key.shape[:-3] or key.shape[:-2] != value.shape[:-2]:
             return "key/value batch dims that broadcast against query's are left to torch"
         H, H_kv = query.shape[-3], key.shape[-3]
@@ -127,7 +129,8 @@ def _check_mask_shape(query, key, value, attn_mask) -> None:
     if attn_mask is None or not query.dim() == key.dim() == value.dim() or query.dim() > 4:
         return
     target = _shape_4d(query)[:3] + (key.shape[-2],)
-    if attn_mask.dim() > 4 or broadcast(attn_mask.shape, target) != target:
+    # More dims than the query would grow the output's rank: torch refuses that too.
+    if attn_mask.dim() > query.dim() or broadcast(attn_mask.shape, target) != target:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(batch, heads, L, S) = {target}")
 
@@ -200,7 +203,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     o, lse = backend.kernels("attention").attention_fwd(
         _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, is_causal, scale, dropout_p,
         seed)
-    return o.view(*query.shape[:-1], value.shape[-1]), lse.view(query.shape[:-1])
+    return as_output(o, (*query.shape[:-1], value.shape[-1])), as_output(lse, query.shape[:-1])
 
 
 @_attention_op.register_fake
@@ -291,7 +294,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                         for t in (query, key, value, attn_mask))
     q_shape, k_shape, v_shape = _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale)
     _check_broadcast(q_shape, k_shape, v_shape, enable_gqa)
-    if enable_gqa:  # each of these two returns at once otherwise: the call is skipped
+    if enable_gqa is not False:  # each of these two returns at once otherwise: the call is skipped
+        check_bool("enable_gqa", enable_gqa)
         _check_gqa(query, key, value, enable_gqa)
     if attn_mask is not None:
         _check_mask_shape(query, key, value, attn_mask)
@@ -334,6 +338,8 @@ def _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                          "(q and k share the head dim, k and v the tokens and heads)")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.shape[2] == 0:
+        raise ValueError("q and k must have a head dim of at least 1, got 0")
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
@@ -386,12 +392,30 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, sca
     return o, lse
 
 
+def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int,
+                   total_k: int) -> None:
+    """Offsets must start at 0, never decrease and end within the packed tokens: a ValueError at
+    the call on CPU tensors (or with FASTDL_EAGER_INDEX_CHECK=1), else a device-side assertion
+    raised at the next synchronisation (no host read). The kernels clamp them meanwhile, so bad
+    offsets never read or write past the tokens. It reads values, so it runs inside the operator."""
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if cu.device.type == "meta":  # no values
+            continue
+        ok = (cu[0] == 0) & (cu[-1] <= total) & (cu[1:] >= cu[:-1]).all()
+        why = f"{name} must start at 0, never decrease and end at most at the {total} packed tokens"
+        if not eager_index_check(cu.device):
+            torch._assert_async(ok, f"fastdl: {why}")
+        elif not ok:
+            raise ValueError(f"{why}; got {cu.tolist()}")
+
+
 @torch.library.custom_op("fastdl::varlen_attention", mutates_args=())
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                          is_causal: bool, scale: float | None,
                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o (Tq, H, Dv), lse (H, Tq) float32) of attention within each packed sequence."""
+    _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if _varlen_backend(q, v) == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
     return backend.kernels("attention").varlen_attention_fwd(

@@ -249,6 +249,10 @@ def _setup(ctx, inputs, output):
 
 
 def _grad(ctx, grad, *_grads):
+    if torch.is_grad_enabled():  # create_graph=True: these gradients would be constants, silently
+        raise NotImplementedError("linear_cross_entropy is not differentiable twice (its backward "
+                                  "runs outside autograd); compute the loss with F.cross_entropy for "
+                                  "double backward")
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
         grads = torch.ops.fastdl.linear_cross_entropy_backward(grad, hidden, weight, bias, target, *ctx.args,
@@ -287,6 +291,12 @@ def _check_args(hidden, weight, target, bias, ignore_index, label_smoothing, red
         if tuple(target.shape) != rows + (vocab,):
             raise ValueError(f"soft (probability) target must have shape {rows + (vocab,)}, got "
                              f"{tuple(target.shape)}")
+        if ignore_index != -100:  # torch refuses it too: no row of probabilities is "ignored"
+            raise ValueError(f"ignore_index={ignore_index} is not supported with soft (probability) "
+                             "targets")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError("target requires grad: linear_cross_entropy gives no gradient to a soft "
+                             "target; detach it, or use F.cross_entropy on the logits")
         soft = True
     elif target.dtype == torch.int64:
         if tuple(target.shape) != rows:

@@ -28,10 +28,10 @@ from torch.overrides import has_torch_function_unary
 
 from .. import backend
 from ._double_backward import differentiable_grads
-from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, path, recompute_grads,
-                       seeded, seeded_cpu_generator, stats_dtype)
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, path,
+                       recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
-from ._validate import all_cpu, check_floating, check_same_device, check_shape
+from ._validate import all_cpu, check_bool, check_floating, check_param_dtypes, check_same_device, check_shape
 
 
 def _check_p(p) -> float:
@@ -66,7 +66,7 @@ def _apply_mask(input: torch.Tensor, p: float, seed: torch.Tensor, backend_name:
     if backend_name == "torch":
         out = _torch_dropout(input, p, seed)
         return out.clone() if out is input else out
-    return backend.kernels("dropout").dropout_fwd(input, p, seed).view(input.shape)
+    return as_output(backend.kernels("dropout").dropout_fwd(input, p, seed), input.shape)
 
 
 @operator("dropout")
@@ -113,6 +113,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     ``torch.nn.functional.dropout``. Identity when ``training`` is False or ``p == 0``; all zeros
     at ``p == 1``. fp16/bf16/fp32/fp64, any shape; ``inplace`` overwrites ``input``."""
     p = _check_p(p)
+    check_bool("training", training)
     check_floating("input", input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
@@ -141,6 +142,11 @@ def _check_add_norm_args(x, residual, weight, bias) -> None:
     normalized = (shape[-1],)
     check_shape("weight", weight, normalized)
     check_shape("bias", bias, normalized)
+    if residual is None or residual.dtype == x.dtype:
+        check_param_dtypes(x, {"weight": weight, "bias": bias}, "x")
+    else:  # the sum is normalised, in the promoted dtype
+        check_param_dtypes(torch.promote_types(x.dtype, residual.dtype), {"weight": weight, "bias": bias},
+                           "residual + x")
 
 
 def _torch_dropout_add_layer_norm(x, residual, weight, bias, p: float, eps: float, seed, backend_name: str):
@@ -170,7 +176,7 @@ def _dropout_add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor | None, w
     out, pre, mean, rstd = backend.kernels("layer_norm").dropout_add_layer_norm_fwd(
         x.reshape(rows), None if residual is None else residual.reshape(rows), weight, bias,
         p, eps, seed)
-    return out.view(x.shape), pre.view(x.shape), mean, rstd
+    return as_output(out, x.shape), as_output(pre, x.shape), mean, rstd
 
 
 @_dropout_add_layer_norm_op.register_fake
@@ -292,12 +298,15 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
     gradient flowing into ``pre_norm_sum`` when it is used downstream.
     """
     p = _check_p(p)
+    check_bool("training", training)
     _check_add_norm_args(x, residual, weight, bias)
     if not training:
         p = 0.0
     seed = draw_seed(x.device) if p > 0.0 and x.numel() else None
     if eager_torch_path("dropout_add_layer_norm", x):
         out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed, "torch")
+        if pre is x:  # no residual, no dropout: a new tensor, as the operator returns
+            pre = x.clone()
     else:
         out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
     if x.is_cuda and autocast_dtype(x) is not None:

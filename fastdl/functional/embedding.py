@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path,
-                       recompute_grads,
-                       stats_dtype, unaliased)
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none,
+                       path, recompute_grads, stats_dtype, unaliased)
 from ._random import draw_seed
-from ._validate import all_cpu, check_floating, check_same_device, eager_index_check
+from ._validate import all_cpu, check_bool, check_floating, check_same_device, eager_index_check
 from .dropout import _check_p, _torch_dropout
 
 
@@ -119,7 +118,7 @@ def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, s
             raise
     _check_range("input", input, weight.shape[0], "weight")
     out = backend.kernels("embedding").embedding_fwd(input.reshape(-1), weight)
-    return out.view(*input.shape, weight.shape[1])
+    return as_output(out, (*input.shape, weight.shape[1]))
 
 
 @_embedding_op.register_fake
@@ -132,7 +131,7 @@ def _embedding_backward_op(grad: torch.Tensor, input: torch.Tensor, num_embeddin
                            scale_grad_by_freq: bool, weight_dtype: torch.dtype,
                            backend_name: str) -> torch.Tensor:
     """The dense (V, D) weight gradient: row v sums the gradient rows of the tokens equal to v."""
-    grad = grad.reshape(-1, grad.shape[-1])
+    grad = grad.reshape(input.numel(), grad.shape[-1])  # not (-1, D): D may be 0
     if backend_name == "torch":
         return torch.ops.aten.embedding_dense_backward(
             grad, input.reshape(-1), num_embeddings, padding_idx, scale_grad_by_freq).to(weight_dtype)
@@ -161,7 +160,7 @@ def _embedding_grad(ctx, grad):
         if scale_grad_by_freq:
             raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
                                "(as in PyTorch)")
-        idx, values = input.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(ctx.weight_dtype)
+        idx, values = input.reshape(-1), grad.reshape(input.numel(), grad.shape[-1]).to(ctx.weight_dtype)
         if padding_idx >= 0:  # zeroed rather than removed: no data-sized result
             values = values * (idx != padding_idx).unsqueeze(1).to(values.dtype)
         dweight = torch.sparse_coo_tensor(idx.to(torch.int64).unsqueeze(0), values, (num, values.shape[1]),
@@ -257,7 +256,7 @@ def _bert_embeddings_op(input_ids: torch.Tensor, token_type_ids: torch.Tensor, p
     ids = [t.reshape(-1) for t in (input_ids, position_ids, token_type_ids)]
     out, mean, rstd = backend.kernels("embedding").bert_embeddings_fwd(
         *ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed)
-    return out.view(*input_ids.shape, word.shape[1]), mean, rstd
+    return as_output(out, (*input_ids.shape, word.shape[1])), mean, rstd
 
 
 def _bert_dtype(word, position, token_type) -> torch.dtype:
@@ -409,6 +408,7 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     promoted dtype of the three tables.
     """
     p = _check_p(p)
+    check_bool("training", training)
     _check_weight("word", word)
     _check_weight("position", position)
     _check_weight("token_type", token_type)

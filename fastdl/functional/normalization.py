@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none, path,
-                       recompute_grads, stats_dtype)
-from ._validate import all_cpu, as_shape, check_floating, check_param_dtypes, check_same_device, check_shape
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none,
+                       path, recompute_grads, stats_dtype)
+from ._validate import (all_cpu, as_shape, check_bool, check_floating, check_param_dtypes, check_same_device,
+                        check_shape)
 
 
 def _check_norm_args(input, normalized_shape, weight, bias) -> tuple[int, ...]:
@@ -44,7 +45,8 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _unflat(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.view(like.shape)
+    """A kernel's flat parameter gradient in the shape and dtype of the parameter ``like``."""
+    return None if t is None else t.view(like.shape).to(like.dtype)
 
 
 def _rows(input: torch.Tensor, ndim: int) -> int:
@@ -75,7 +77,7 @@ def _layer_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
         return out, mean.reshape(-1).to(stats), rstd.reshape(-1).to(stats)
     x = _as_rows(input, ndim)
     y, mean, rstd = backend.kernels("layer_norm").layer_norm_fwd(x, _flat(weight), _flat(bias), eps)
-    return y.view(input.shape), mean, rstd
+    return as_output(y, input.shape), mean, rstd
 
 
 @_layer_norm_op.register_fake
@@ -140,7 +142,7 @@ def _rms_norm_op(input: torch.Tensor, weight: torch.Tensor | None, ndim: int,
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     x = _as_rows(input, ndim)
     y, rstd = backend.kernels("layer_norm").rms_norm_fwd(x, _flat(weight), eps)
-    return y.view(input.shape), rstd
+    return as_output(y, input.shape), rstd
 
 
 @_rms_norm_op.register_fake
@@ -249,6 +251,20 @@ def _torch_batch_norm_of(running_mean, running_var, training: bool, eps: float):
     return lambda input, weight, bias: F.batch_norm(input, *buffers, weight, bias, training, 0.0, eps)
 
 
+def _eval_batch_norm_of(mean: torch.Tensor, rstd: torch.Tensor):
+    """The kernels' evaluation forward of (input, weight, bias) from its saved per-channel mean
+    and rstd, differentiably (double backward)."""
+    def forward(input, weight, bias):
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        y = (input - mean.view(shape)) * rstd.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y.to(input.dtype)
+    return forward
+
+
 @operator("batch_norm")
 def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
@@ -313,18 +329,23 @@ def _(grad, input, weight, bias, running_mean, running_var, mean, rstd, training
 def _batch_norm_setup(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, training, momentum, eps = inputs
     ctx.mark_non_differentiable(*output[1:])
-    # The running buffers are read by the backward only in evaluation, where they do not change.
-    buffers = (None, None) if training else (running_mean, running_var)
+    ctx.backend_name = _batch_norm_path(input)
+    # The torch path's backward reads the running buffers in evaluation; the kernels' reads the
+    # forward's mean and rstd, which in evaluation are the buffers' values then. Not saving the
+    # buffers lets the module train (updating them in place) before an evaluation output's backward
+    # runs, as PyTorch allows.
+    buffers = (running_mean, running_var) if not training and ctx.backend_name == "torch" else (None, None)
     ctx.save_for_backward(input, weight, bias, *buffers, *output[1:3])
     ctx.args = (training, eps)
-    ctx.backend_name = _batch_norm_path(input)
 
 
 def _batch_norm_grad(ctx, grad, *_non_differentiable):
     input, weight, bias, running_mean, running_var, mean, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():
-        dx, dw, db = recompute_grads(_torch_batch_norm_of(running_mean, running_var, *ctx.args),
-                                     (input, weight, bias), (grad,), create_graph=True)
+        training, eps = ctx.args
+        forward = (_eval_batch_norm_of(mean, rstd) if not training and ctx.backend_name != "torch"
+                   else _torch_batch_norm_of(running_mean, running_var, training, eps))
+        dx, dw, db = recompute_grads(forward, (input, weight, bias), (grad,), create_graph=True)
     else:
         dx, dw, db = torch.ops.fastdl.batch_norm_backward(grad, input, weight, bias, running_mean,
                                                           running_var, mean, rstd, *ctx.args,
@@ -337,6 +358,7 @@ _batch_norm_op.register_autograd(_batch_norm_grad, setup_context=_batch_norm_set
 
 
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    check_bool("training", training)
     check_floating("input", input)
     check_floating("running_mean", running_mean)
     check_floating("running_var", running_var)
@@ -359,6 +381,11 @@ def _check_batch_norm_args(input, running_mean, running_var, weight, bias, train
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode "
                          "(training=False)")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) \
+            and torch.is_grad_enabled():
+        name = "running_mean" if running_mean.requires_grad else "running_var"
+        raise ValueError(f"batch_norm is not differentiable with respect to {name}, which requires grad: "
+                         "the running statistics are buffers (detach them or run under torch.no_grad())")
     if type(momentum) is not float and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
         raise TypeError(f"momentum must be a float, got {momentum!r}")
     if training:

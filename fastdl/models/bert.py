@@ -21,9 +21,12 @@ Unpadded mode (``config.unpad``; by default on whenever a mask is given and the 
 the padding tokens are dropped right after the embeddings, every layer runs on the packed
 (tokens, hidden) rows -- its matmuls, norms and ``F.varlen_attention`` see no padding at all --
 and the padded (B, S, hidden) layout is restored at the end, with zeros at the padded
-positions. Real tokens get the same values and gradients as in the padded path. Finding the
-tokens (``nonzero`` on the mask) waits for the GPU once per forward, as flash-attn's
-``unpad_input`` does; ``unpad=False`` keeps the padded path and its asynchrony. Under
+positions. Real tokens get the same values and gradients as in the padded path. Only where no
+padded position is read: a padded first position under the pooler or a label (not -100) at a
+padded position keeps the automatic choice on the padded path and makes ``unpad=True`` raise.
+Finding the tokens (``nonzero`` on the mask) and that test wait for the GPU once each per
+forward, as flash-attn's ``unpad_input`` does; ``unpad=False`` keeps the padded path and its
+asynchrony. Under
 ``torch.compile`` the default is the padded path (a graph cannot hold the data-dependent token
 count); ``unpad=True`` there breaks the graph at ``nonzero``.
 """
@@ -370,13 +373,15 @@ class BertModel(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                *, token_labels: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        """``token_labels`` (B, S), -100 where unscored: the heads' per-token labels, which the
+        unpadded mode must not find at a padded position (see :meth:`_unpad`)."""
         _check_input_ids(input_ids)
         batch, seq = input_ids.shape
         mask = key_padding_mask(attention_mask, batch, seq, input_ids.device)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        if self._unpad(mask, x):
+        if self._unpad(mask, x) and self._padding_unread(attention_mask, token_labels):
             indices, packed = unpad_indices(attention_mask)
             flat = x.reshape(batch * seq, -1)
             tokens = self.encoder(flat.index_select(0, indices), packed)
@@ -395,6 +400,29 @@ class BertModel(BertPreTrainedModel):
         # torch.compile the automatic choice is the padded path.
         return not torch.compiler.is_compiling() and fastdl_backend.resolve(x) != "torch"
 
+    def _padding_unread(self, attention_mask: torch.Tensor, token_labels: torch.Tensor | None) -> bool:
+        """Whether the unpadded mode's zeros at padded positions go unread, so that every output
+        that is used equals the padded path's: no padded first position under the pooler (it
+        reads position 0) and no label at a padded position (the padded path scores it, as
+        Hugging Face). One host read, beside the one unpadding costs anyway. If one is read, the
+        automatic choice is the padded path and ``unpad=True`` raises."""
+        padding = ~attention_mask.bool()
+        read = []
+        if self.pooler is not None:
+            read.append(("the first position (the pooler reads it)", padding[:, 0].any()))
+        if token_labels is not None:
+            read.append(("a label other than -100", (padding & (token_labels != -100)).any()))
+        if not read:
+            return True
+        flags = torch.stack([flag for _, flag in read]).tolist()
+        if not any(flags):
+            return True
+        if self.config.unpad:
+            what = " and ".join(name for (name, _), bad in zip(read, flags) if bad)
+            raise ValueError(f"unpad=True drops padded positions, but a padded position carries {what}; "
+                             "use BertConfig(unpad=None) (the padded path then) or unpad=False")
+        return False
+
 
 class BertForMaskedLM(BertPreTrainedModel):
     """BERT with the masked-language-model head. ``labels`` (B, S), -100 where not scored: the
@@ -411,7 +439,8 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, return_logits: bool = True) -> MaskedLMOutput:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                           token_labels=labels).last_hidden_state
         logits = self.cls(hidden) if return_logits or labels is None else None
         loss = self.cls.predictions.loss(hidden, labels) if labels is not None else None
         return MaskedLMOutput(loss=loss, logits=logits)
@@ -435,8 +464,9 @@ class BertForPreTraining(BertPreTrainedModel):
                 labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None,
                 return_logits: bool = True) -> PreTrainingOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
         with_loss = labels is not None and next_sentence_label is not None
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        token_labels=labels if with_loss else None)
         prediction_logits = (self.cls.predictions(out.last_hidden_state) if return_logits or not with_loss
                              else None)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)

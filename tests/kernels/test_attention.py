@@ -164,6 +164,57 @@ def test_float_mask_of_dtype_minimum(backend, device, dtype):
     assert_close("row masked by min", out[..., 4, :], v.double().mean(-2), rtol=1e-5)
 
 
+def test_float_mask_below_minus_1e38_keeps_its_order(backend, device):
+    """Mask values far below any score but of different sizes: torch's softmax weighs only the
+    largest of them (the others are e^-1e38 times smaller). The kernel's floor sits below -2.3e38,
+    so a row of -1e38 and -3e38 averages the values of the -1e38 keys (the scores vanish next to
+    the mask in float32, as in torch's arithmetic), as float64 math does. (Only the forward: the
+    scores' gradient through values that swamp them is rounding, not math.)"""
+    q, k, v = (t.detach() for t in _qkv(1, 2, 6, 9, 16, torch.float32, device))
+    mask = torch.randn(6, 9, device=device)
+    mask[1, :4], mask[1, 4:] = -1e38, -3e38
+    mask[2, :2], mask[2, 2:] = -2e38, -3.4e38
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    expected = ref_attention(q.double(), k.double(), v.double(), mask.double())
+    assert_close("output", out, expected, rtol=RTOL)
+    assert_close("row of -1e38 and -3e38", out[..., 1, :], v[..., :4, :].double().mean(-2), rtol=1e-5)
+    assert_close("row of -2e38 and -3.4e38", out[..., 2, :], v[..., :2, :].double().mean(-2), rtol=1e-5)
+
+
+def test_nan_in_a_float_mask_gives_nan_as_torch(backend, device):
+    """A NaN mask entry makes its row NaN (output and gradients), as torch's softmax does: never
+    a finite row that silently treats the NaN as masked out. Other rows are untouched."""
+    q, k, v = _qkv(1, 1, 4, 6, 16, torch.float32, device)
+    mask = torch.randn(4, 6, device=device, requires_grad=True)
+    with torch.no_grad():
+        mask[0, 2] = float("nan")
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(torch.randn_like(out))
+    expected = TF.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v, mask)))
+    assert out[0, 0, 0].isnan().all() and expected[0, 0, 0].isnan().all()
+    assert_close("other rows", out[0, 0, 1:].detach(), expected[0, 0, 1:], rtol=RTOL)
+    assert mask.grad[0].isnan().all() and not mask.grad[1:].isnan().any()
+
+
+def test_gqa_with_different_key_and_value_heads(backend, device):
+    """enable_gqa repeats key and value heads each to the query's, as torch: 4 query heads over
+    2 key heads and 1 value head. The kernel takes one key/value head count, so such a call runs
+    on torch under auto and a forced kernel backend says why."""
+    q, k, _ = _qkv(1, 4, 5, 7, 16, torch.float32, device, H_kv=2)
+    v = torch.randn(1, 1, 7, 16, device=device, requires_grad=True)
+    expected = ref_attention(q.double(), k.double().repeat_interleave(2, 1), v.double().expand(1, 4, 7, 16))
+    if backend != "torch":
+        with pytest.raises(fastdl.backend.BackendError, match="different head counts"):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        with fastdl.backend.use("auto"):
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert_close("output", out, expected, rtol=RTOL)
+    with pytest.raises(ValueError, match=r"multiple of key heads \(3\)"):
+        F.scaled_dot_product_attention(q, torch.randn(1, 3, 7, 16, device=device), v, enable_gqa=True)
+
+
 def test_fully_masked_rows_match_torch(backend, device):
     """torch (2.13) returns 0 for a fully masked row, bool or -inf float, and gives it zero gradient;
     so does fastdl, on every path, with no NaN anywhere."""
@@ -425,6 +476,21 @@ def test_bad_arguments(backend, device):
         sdpa(torch.randn(1, 3, 5, 16, device=device), k, v, enable_gqa=True)
     with pytest.raises(ValueError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
+        sdpa(q, k, v, attn_mask=[[True] * 6] * 5)
+    for flag in ("is_causal", "enable_gqa"):  # torch's op takes bools only, too
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            sdpa(q, k, v, **{flag: 1})
+        with pytest.raises(TypeError, match=flag):
+            TF.scaled_dot_product_attention(q, k, v, **{flag: 1})
+    # A mask of more dims than the query would grow the output's rank: torch refuses it as well.
+    for q3, mask in ((q[0], torch.ones(1, 2, 5, 6, dtype=torch.bool, device=device)),
+                     (q[0, 0], torch.ones(1, 5, 6, dtype=torch.bool, device=device))):
+        kv = (k[0], v[0]) if q3.dim() == 3 else (k[0, 0], v[0, 0])
+        with pytest.raises(ValueError, match="attn_mask"):
+            sdpa(q3, *kv, attn_mask=mask)
+        with pytest.raises(RuntimeError):
+            TF.scaled_dot_product_attention(q3, *kv, attn_mask=mask)
 
 
 @pytest.mark.parametrize("case", ["float64", "head_dim_300", "bf16_interpret"])

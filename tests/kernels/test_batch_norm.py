@@ -262,6 +262,29 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="momentum"):
         F.batch_norm(x, rm, rv, training=True, momentum=None)
     F.batch_norm(torch.randn(1, 3), rm, rv, training=False)  # one value is fine in evaluation
+    for training in (None, 1):  # PyTorch's batch_norm takes a bool only, too
+        with pytest.raises(TypeError, match="training must be a bool"):
+            F.batch_norm(x, rm, rv, training=training)
+        with pytest.raises(TypeError):
+            TF.batch_norm(x, rm, rv, training=training)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_running_buffers_requiring_grad_raise_as_torch(backend, device, training):
+    """PyTorch's batch_norm is not differentiable with respect to its running statistics and
+    refuses buffers that require grad while autograd records; so does every fastdl path."""
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    for which in ("running_mean", "running_var"):
+        buffers = {"running_mean": torch.zeros(3, device=device), "running_var": torch.ones(3, device=device)}
+        buffers[which].requires_grad_(True)
+        with pytest.raises(ValueError, match=f"not differentiable with respect to {which}"):
+            F.batch_norm(x, buffers["running_mean"], buffers["running_var"], training=training)
+        with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{which}'"):
+            TF.batch_norm(x, buffers["running_mean"], buffers["running_var"], training=training)
+        with torch.no_grad():
+            out = F.batch_norm(x, buffers["running_mean"], buffers["running_var"], training=training)
+            ref = TF.batch_norm(x.double(), *(b.double() for b in buffers.values()), training=training)
+        assert_close("output under no_grad", out, ref)
 
 
 def test_forced_triton_on_cpu_tensor_raises():

@@ -221,6 +221,8 @@ def test_bad_arguments(backend, device):
                           0.0, True)
     with pytest.raises(ValueError, match="dropout probability"):
         F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, ln_b, EPS, 1.5, True)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, ln_b, EPS, 0.1, None)
 
 
 @pytest.mark.parametrize("name", ["interpret", "triton"])

@@ -148,6 +148,21 @@ def test_opcheck(backend, device):
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_double_backward_raises(backend, device):
+    """Second derivatives are not computed: a create_graph backward raises rather than returning
+    gradients that are silently constants (a gradient penalty would lose its term)."""
+    h = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(30, 8, device=device, requires_grad=True)
+    t = torch.randint(0, 30, (4,), device=device)
+    for reduction in ("mean", "none"):
+        loss = F.linear_cross_entropy(h, w, t, reduction=reduction).sum()
+        with pytest.raises(NotImplementedError, match="not differentiable twice"):
+            torch.autograd.grad(loss, h, create_graph=True)
+    soft = torch.rand(4, 30, device=device, requires_grad=True)
+    with torch.no_grad():  # nothing is recorded: a target that requires grad is fine
+        F.linear_cross_entropy(h, w, soft)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda h, w, t: F.linear_cross_entropy(h, w, t.int()), TypeError, "int64 class indices"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t[:-1]), ValueError, "target of class indices"),
@@ -160,6 +175,12 @@ def test_opcheck(backend, device):
     (lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=1.5), ValueError, "label_smoothing"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(30)), IndexError, "class 30"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(-3)), IndexError, "class -3"),
+    # torch: "ignore_index is not supported for floating point target"
+    (lambda h, w, t: F.linear_cross_entropy(h, w, torch.rand(4, 30, device=h.device), ignore_index=0),
+     ValueError, "ignore_index=0 is not supported with soft"),
+    # a soft target that requires grad would get none: refused rather than silently left out
+    (lambda h, w, t: F.linear_cross_entropy(h, w, torch.rand(4, 30, device=h.device, requires_grad=True)),
+     ValueError, "target requires grad"),
 ])
 def test_errors(backend, device, call, error, match):
     if backend == "triton" and error is IndexError:

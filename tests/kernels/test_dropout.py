@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as TF
 from helpers import RTOL, assert_close, saved_bytes
 
 import fastdl
@@ -203,6 +204,11 @@ def test_bad_arguments():
         F.dropout(torch.randint(0, 5, (4, 8)), 0.5)
     with pytest.raises(TypeError, match="input"):
         F.dropout([1.0, 2.0], 0.5)
+    for training in (None, 1, torch.tensor(True)):  # PyTorch's dropout takes a bool only, too
+        with pytest.raises(TypeError, match="training must be a bool"):
+            F.dropout(x, 0.5, training)
+        with pytest.raises(TypeError):
+            TF.dropout(x, 0.5, training)
 
 
 def test_forced_triton_on_cpu_tensor_raises():

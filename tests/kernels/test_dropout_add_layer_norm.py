@@ -268,6 +268,17 @@ def test_bad_arguments():
         fn(x, torch.randn(4, 8, device="meta"), w)
     with pytest.raises(ValueError, match="x"):
         fn(torch.tensor(1.0), None)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        fn(x, r, w, None, 0.1, training=None)
+    # Parameters in a dtype LayerNorm rejects for the normalised sum: refused on every backend
+    # (the kernels would otherwise run them, PyTorch's LayerNorm raises).
+    with pytest.raises(TypeError, match="x is torch.float32 but weight torch.float64"):
+        fn(x, r, w.double())
+    with pytest.raises(TypeError, match="weight torch.float32, bias torch.float16"):
+        fn(x, r, w, w.half())
+    with pytest.raises(TypeError, match=r"residual \+ x is torch.float32 but weight torch.float64"):
+        fn(x.half(), r.bfloat16(), w.double())
+    fn(x.half(), r.half(), w, w)  # float32 parameters for a half sum, as PyTorch accepts
 
 
 def test_dropped_inf_gives_nan_as_torch(backend, device):

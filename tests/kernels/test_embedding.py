@@ -69,6 +69,17 @@ def test_empty_and_int32_and_noncontiguous_indices(backend, device):
         w.grad = None
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_zero_width_table(backend, device, sparse):
+    """An embedding dim of 0: an empty output and a (V, 0) gradient, as torch."""
+    w = torch.randn(5, 0, device=device, requires_grad=True)
+    idx = torch.randint(0, 5, (3, 4), device=device)
+    out = F.embedding(idx, w, sparse=sparse)
+    assert out.shape == (3, 4, 0)
+    out.sum().backward()
+    assert w.grad.shape == (5, 0)
+
+
 def test_noncontiguous_weight(backend, device):
     base = torch.randn(40, 2 * 21, device=device)
     w = base[:, ::2].requires_grad_()  # a strided leaf

@@ -148,6 +148,20 @@ def test_mixed_weight_dtype_on_kernel_path(backend, device):
     assert_close("output", y, ref_layer_norm(x.double(), (96,), w.double(), b.double()), rtol=1e-3)
 
 
+def test_half_input_with_float32_bias_and_no_weight(backend, device):
+    """The bias gradient of a half input without weight is summed and returned in float32, the
+    bias's dtype (not rounded through half). PyTorch's CPU backward refuses the mix."""
+    if backend == "torch":
+        pytest.skip("PyTorch's CPU layer_norm backward needs matching dtypes")
+    x = torch.randn(256, 8, device=device).half().requires_grad_()
+    b = torch.randn(8, device=device, requires_grad=True)
+    y = F.layer_norm(x, (8,), None, b)
+    dy = (torch.randn(256, 8, device=device) * 10).half()
+    y.backward(dy)
+    assert b.grad.dtype == torch.float32
+    assert_close("bias grad", b.grad, dy.double().sum(0), rtol=1e-5)
+
+
 @pytest.mark.parametrize("fn", [F.layer_norm, F.rms_norm])
 def test_bad_arguments(fn):
     x = torch.randn(4, 8)

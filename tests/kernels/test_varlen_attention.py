@@ -125,3 +125,46 @@ def test_errors(backend, device, change, error, match):
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
     with pytest.raises(error, match=match):
         F.varlen_attention(**change(args))
+
+
+@pytest.mark.parametrize("offsets", [[0, 6, 14], [0, 6, 4, 10], [2, 6, 10], [0, -1, 10]],
+                         ids=["past_the_end", "decreasing", "not_from_0", "negative"])
+@pytest.mark.parametrize("which", ["cu_seqlens_q", "cu_seqlens_k"])
+def test_bad_offsets_raise_at_the_call_on_cpu(backend, device, offsets, which):
+    """Offsets are values: checked inside the operator, a ValueError naming them on CPU tensors
+    (on CUDA a device-side assertion, no host read), never an out-of-bounds access."""
+    if device != "cpu":
+        pytest.skip("CPU tensors raise at the call")
+    q = torch.randn(10, 2, 16)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cu = {"cu_seqlens_q": good, "cu_seqlens_k": good, which: torch.tensor(offsets, dtype=torch.int32)}
+    if len(offsets) != 3:
+        cu = {name: (t if name == which else torch.tensor([0, 3, 5, 10], dtype=torch.int32))
+              for name, t in cu.items()}
+    with pytest.raises(ValueError, match=f"{which} must start at 0, never decrease and end at most"):
+        F.varlen_attention(q, q, q, cu["cu_seqlens_q"], cu["cu_seqlens_k"], 8, 8)
+
+
+def test_kernels_clamp_bad_offsets(backend, device):
+    """The kernels never read or write past the packed tokens, whatever the offsets say (on
+    CUDA the check is asynchronous, so the kernels run on bad offsets): offsets past the end or
+    negative are clamped into the tokens, sequences beyond them are empty, and a sequence whose
+    end lies before its start is empty."""
+    if backend == "torch":
+        pytest.skip("the kernels' own guard")
+    import fastdl.kernels.attention as K
+    q = torch.randn(10, 2, 16, device=device)
+    for bad, clamped in (([0, 6, 14, 20], [0, 6, 10, 10]), ([-3, 4, 10, 10], [0, 4, 10, 10]),
+                         ([0, 6, 4, 4], [0, 6, 6, 6])):
+        cu = torch.tensor(bad, dtype=torch.int32, device=device)
+        out, _ = K.varlen_attention_fwd(q, q, q, cu, cu, 8, 8, False, None, 0.0, None)
+        good = torch.tensor(clamped, dtype=torch.int32, device=device)
+        expected = ref_varlen(q.double(), q.double(), q.double(), good, good)
+        assert_close(f"offsets {bad}", out, expected, rtol=2e-4)
+
+
+def test_head_dim_zero_is_refused(backend, device):
+    q = torch.randn(5, 2, 0, device=device)
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="head dim of at least 1"):
+        F.varlen_attention(q, q, q, cu, cu, 5, 5)

@@ -201,7 +201,7 @@ def test_unpadded_encoder_equals_padded(backend, device):
     unpadded = copy.deepcopy(padded)
     unpadded.config.unpad = True
     ids, mask, types = (t.to(device) for t in batch(b=3, s=11))
-    mask[2, :3] = 0  # padding at the start of a row, too
+    mask[2, 1:3] = 0  # holes inside a row, too (a padded first position is test_unpad_falls_back...)
     real = mask.bool()
     outs, grads = [], []
     for model in (padded, unpadded):
@@ -217,6 +217,42 @@ def test_unpadded_encoder_equals_padded(backend, device):
     for (name, _), g_padded, g_unpadded in zip(padded.named_parameters(), *grads):
         if not name.endswith("attention.self.key.bias"):  # zero up to rounding (shift-invariant softmax)
             assert_close(f"grad {name}", g_unpadded, g_padded, rtol=RTOL)
+
+
+def test_unpad_falls_back_where_padding_is_read(backend, device, monkeypatch):
+    """Unpadded mode returns zeros at padded positions, so it runs only where nothing reads them:
+    with a padded first position under the pooler, or an MLM label (not -100) at a padded
+    position, the automatic choice is the padded path -- pooler, NSP and MLM losses and gradients
+    then equal Hugging Face's -- and an explicit unpad=True raises instead of answering otherwise."""
+    hf = hf_model("BertForPreTraining")
+    ids, mask, types = (t.to(device) for t in batch(b=3, s=11))
+    labels = torch.where(torch.rand(ids.shape, device=device) < 0.5, ids, -100)
+    nsp = torch.randint(0, 2, (3,), device=device)
+    calls = []
+    real_unpad = fastdl.models.bert.unpad_indices
+    monkeypatch.setattr(fastdl.models.bert, "unpad_indices", lambda m: calls.append(1) or real_unpad(m))
+    cases = {"padded first position": (mask.clone(), labels.masked_fill(mask == 0, -100)),
+             "label at a padded position": (mask, labels.masked_fill(mask == 0, 5))}
+    cases["padded first position"][0][2, :3] = 0
+    for name, (m, lab) in cases.items():
+        ours = BertForPreTraining.from_hf(hf).to(device)
+        ref = reference(hf)
+        loss = ours(ids, m, types, labels=lab, next_sentence_label=nsp).loss
+        expected = ref(ids.cpu(), m.cpu(), types.cpu(), labels=lab.cpu(), next_sentence_label=nsp.cpu()).loss
+        assert_close(f"{name}: loss", loss, expected, rtol=RTOL)
+        loss.backward()
+        expected.backward()
+        for (pname, p), (_, r) in zip(ours.named_parameters(), ref.named_parameters()):
+            if not pname.endswith("attention.self.key.bias"):  # zero up to rounding (softmax shift)
+                assert_close(f"{name}: grad {pname}", p.grad, r.grad, rtol=1e-3)
+        assert not calls, f"{name}: unpadded although a padded position is read"
+        ours.config.unpad = True
+        with pytest.raises(ValueError, match="unpad=True drops padded positions"):
+            ours(ids, m, types, labels=lab, next_sentence_label=nsp)
+    # Nothing read at the padding (labels -100 there, the first positions real): unpadded.
+    ours = BertForPreTraining.from_hf(hf).to(device)
+    ours(ids, mask, types, labels=labels.masked_fill(mask == 0, -100), next_sentence_label=nsp)
+    assert calls == ([] if backend == "torch" else [1])
 
 
 def test_from_hf_keeps_device_dtype_and_training_flag(torch_path):

@@ -135,6 +135,34 @@ def test_state_dict_round_trip_and_repr(cls_name):
     assert repr(ours) == repr(ref)
 
 
+def test_evaluation_output_backward_after_a_training_step(backend, device):
+    """An evaluation output whose backward runs after the module trained (updating its running
+    buffers in place) does not raise. Its gradient: on the kernels, that of the statistics the
+    forward used; on the torch path PyTorch's, which reads the buffers as they are when the
+    backward runs (the difference the README states)."""
+    ours, ref = _pair("BatchNorm1d", 3, dtype=torch.float32, device=device)
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    var = ours.running_var.detach().double().clone()
+    ours.eval()
+    y = ours(x)
+    batch = torch.randn(5, 3, device=device) * 3
+    ours.train()
+    ours(batch)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    if backend == "torch":
+        ref.eval()
+        x_ref = x.detach().clone().requires_grad_(True)
+        y_ref = ref(x_ref)
+        ref.train()
+        ref(batch)
+        y_ref.backward(dy)
+        expected = x_ref.grad.double()
+    else:
+        expected = dy.double() * ours.weight.detach().double() / torch.sqrt(var + ours.eps)
+    assert_close("input grad", x.grad, expected)
+
+
 def test_bad_input(backend, device):
     bn1, _ = _pair("BatchNorm1d", 3, dtype=torch.float32, device=device)
     bn2, _ = _pair("BatchNorm2d", 3, dtype=torch.float32, device=device)
