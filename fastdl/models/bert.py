@@ -438,7 +438,7 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, return_logits: bool = True) -> MaskedLMOutput:
+                *, labels: torch.Tensor | None = None, return_logits: bool = True) -> MaskedLMOutput:
         hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                            token_labels=labels).last_hidden_state
         logits = self.cls(hidden) if return_logits or labels is None else None
@@ -461,7 +461,7 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None,
+                *, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None,
                 return_logits: bool = True) -> PreTrainingOutput:
         with_loss = labels is not None and next_sentence_label is not None
@@ -494,7 +494,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ClassifierOutput:
+                *, labels: torch.Tensor | None = None) -> ClassifierOutput:
         pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
         logits = self.classifier(self.dropout(pooled))
         loss = classification_loss(self.config, logits, labels) if labels is not None else None

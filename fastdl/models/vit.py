@@ -297,7 +297,7 @@ class ViTModel(ViTPreTrainedModel):
         self.pooler = ViTPooler(config) if add_pooling_layer else None
         self._init()
 
-    def forward(self, pixel_values: torch.Tensor,
+    def forward(self, pixel_values: torch.Tensor, *,
                 interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
         _check_pixels(pixel_values)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
@@ -327,7 +327,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 interpolate_pos_encoding: bool = False) -> ClassifierOutput:
-        hidden = self.vit(pixel_values, interpolate_pos_encoding).last_hidden_state
+        hidden = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
         logits = self.classifier(hidden[:, 0])
         if labels is None:
             loss = None
