@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -83,10 +84,15 @@ def as_shape(name: str, shape) -> tuple[int, ...]:
         return (shape,)
     if isinstance(shape, (torch.Size, tuple, list)):
         for s in shape:  # a loop, not all(<generator>): this runs on every norm call
-            if not isinstance(s, int):
+            if type(s) is not int:  # (not isinstance: a bool is no size)
                 break
         else:
             return tuple(shape)
+        if not any(isinstance(s, bool) for s in shape):
+            try:  # numpy integers and 0-d integer tensors, which torch takes too
+                return tuple(operator.index(s) for s in shape)
+            except TypeError:
+                pass
     raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
 
 

@@ -1,5 +1,6 @@
 """fastdl.functional.layer_norm / rms_norm on every backend against float64 math."""
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -179,6 +180,12 @@ def test_bad_arguments(fn):
         fn(x, (8,), torch.randn(8, device="meta"))
     with pytest.raises(TypeError, match="normalized_shape"):
         fn(x, "eight")
+    for bad in ((True,), (8.0,)):  # as torch: a bool or a float is no size
+        with pytest.raises(TypeError, match="normalized_shape"):
+            fn(x, bad)
+    # numpy integers and 0-d integer tensors are sizes, as for torch
+    for size in (numpy.int64(8), torch.tensor(8)):
+        assert_close("output", fn(x, (size,)), fn(x.double(), (8,)))
 
 
 def test_forced_triton_on_cpu_tensor_raises():
