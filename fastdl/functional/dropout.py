@@ -142,8 +142,10 @@ def _check_add_norm_args(x, residual, weight, bias) -> None:
     normalized = (shape[-1],)
     check_shape("weight", weight, normalized)
     check_shape("bias", bias, normalized)
-    if residual is None or residual.dtype == x.dtype:
-        check_param_dtypes(x, {"weight": weight, "bias": bias}, "x")
+    dtype = x.dtype
+    if residual is None or residual.dtype == dtype:
+        if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
+            check_param_dtypes(x, {"weight": weight, "bias": bias}, "x")  # (the common case skips it)
     else:  # the sum is normalised, in the promoted dtype
         check_param_dtypes(torch.promote_types(x.dtype, residual.dtype), {"weight": weight, "bias": bias},
                            "residual + x")
