@@ -114,9 +114,11 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     at ``p == 1``. fp16/bf16/fp32/fp64, any shape; ``inplace`` overwrites ``input``."""
     p = _check_p(p)
     check_bool("training", training)
-    check_floating("input", input)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not training or p == 0.0 or input.numel() == 0:
-        return input
+        return input  # any dtype, as torch's identity
+    check_floating("input", input)
     seed = draw_seed(input.device)
     if eager_torch_path("dropout", input):  # the operator's mask, recorded by PyTorch's autograd
         if not inplace:

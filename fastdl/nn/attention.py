@@ -41,17 +41,36 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+def _check_float_mask(name: str, mask: torch.Tensor | None, dtype: torch.dtype, fused: bool) -> None:
+    """A float mask has the query's dtype, or is float32 for an fp16/bf16 query on the fused path
+    (the kernel adds it in float32): what torch's MultiheadAttention takes. Never cast: a float32
+    mask's -1e5 or finfo.min would become -inf in fp16 and mask a row outright."""
+    if mask is None or mask.dtype == torch.bool or mask.dtype == dtype:
+        return
+    if fused and mask.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+    allowed = "the query's dtype" + (" or float32" if fused and dtype in (torch.float16, torch.bfloat16)
+                                     else "")
+    raise TypeError(f"a float {name} must have {allowed} ({dtype}), got {mask.dtype}"
+                    + ("" if fused else " (need_weights=True computes the softmax in the query's dtype)"))
+
+
 def sdpa_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, *,
                 batch: int, num_heads: int, tgt_len: int, src_len: int, extra_keys: int,
-                dtype: torch.dtype) -> torch.Tensor | None:
+                dtype: torch.dtype, fused: bool = True) -> torch.Tensor | None:
     """MHA's two masks as one SDPA mask that broadcasts to (batch, num_heads, tgt_len, S').
 
     ``attn_mask``: (tgt_len, src_len) or (batch * num_heads, tgt_len, src_len);
     ``key_padding_mask``: (batch, src_len). Both in MHA's convention (bool True = ignore, float =
     additive). ``extra_keys`` columns (``bias_k`` and the zero key) are appended, attendable, so
     S' = src_len + extra_keys. Returns a bool mask (True = attend) when every given mask is bool,
-    else an additive mask in ``dtype``; None when there is no mask.
+    else an additive mask in ``dtype`` (float32 if a float32 mask is given for an fp16/bf16 query
+    on the ``fused`` path); None when there is no mask.
     """
+    _check_float_mask("attn_mask", attn_mask, dtype, fused)
+    _check_float_mask("key_padding_mask", key_padding_mask, dtype, fused)
     parts = []
     if attn_mask is not None:
         if attn_mask.dim() == 2:
@@ -79,6 +98,8 @@ def sdpa_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | N
     if all(m.dtype == torch.bool for m in parts):
         ignore = parts[0] if len(parts) == 1 else parts[0] | parts[1]
         return ~ignore
+    if any(m.dtype == torch.float32 for m in parts):
+        dtype = torch.float32  # (a float32 mask for a low-precision query: kept exact)
     merged = _additive(parts[0], dtype)
     return merged if len(parts) == 1 else merged + _additive(parts[1], dtype)
 
@@ -206,7 +227,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             extra += 1
 
         mask = sdpa_mask(attn_mask, key_padding_mask, batch=batch, num_heads=heads, tgt_len=tgt_len,
-                           src_len=src_len, extra_keys=extra, dtype=q.dtype)
+                           src_len=src_len, extra_keys=extra, dtype=q.dtype, fused=not need_weights)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:

@@ -1,33 +1,72 @@
-"""Fused linear + cross-entropy loss module (no torch.nn twin: the projection is part of the loss)."""
+"""Fused linear + cross-entropy loss module, ``torch.nn.LinearCrossEntropyLoss``'s twin."""
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 from .. import functional as F
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """``CrossEntropyLoss()(hidden @ weight.T + bias, target)`` with the logits never materialised
-    (:func:`fastdl.functional.linear_cross_entropy`).
+# ignore_index=None (nothing ignored) as an index no target can hold: a negative target then
+# fails the range check as it does in PyTorch, instead of being skipped like -100.
+_NO_IGNORE = -(2 ** 63)
 
-    Constructor arguments as ``torch.nn.CrossEntropyLoss`` less the class weights:
-    ``ignore_index``, ``reduction``, ``label_smoothing``. ``forward(hidden (..., H), weight (V, H),
-    target, bias=None)``: target int64 class indices (...) or probabilities (..., V). The module
-    holds no parameters: pass the output layer's weight (e.g. tied word embeddings).
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.LinearCrossEntropyLoss`` (PyTorch 2.13): a ``Linear(in_features, num_classes)``,
+    ``self.linear``, and the cross-entropy of its output, computed by
+    :func:`fastdl.functional.linear_cross_entropy` without the (N, num_classes) logits ever
+    existing. The same keyword-only options, parameters and state_dict as PyTorch's, seed for
+    seed. ``forward(input (N, in_features) or (in_features,), target)``: int64 class indices (N,)
+    or probabilities (N, num_classes). ``ignore_index=None`` ignores nothing (an int ignores that
+    class, as ``CrossEntropyLoss``). Not supported, refused with ``ValueError``: ``out_features``
+    other than ``()`` (K-dimensional losses) and class ``weight``. ``options`` (PyTorch's
+    chunking knobs) is kept but not used: the kernels choose their own chunks.
+
+    To score against another module's weight (tied word embeddings), call
+    :func:`fastdl.functional.linear_cross_entropy` with it.
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: torch.Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0, options=None) -> None:
+        if tuple(out_features) != ():
+            raise ValueError(f"out_features={tuple(out_features)}: fastdl computes the (N, num_classes) loss "
+                             "only (out_features=())")
+        if weight is not None:
+            raise ValueError("class weights (weight=) are not supported by fastdl's linear cross-entropy")
+        if ignore_index is not None and (isinstance(ignore_index, bool)
+                                         or not isinstance(ignore_index, numbers.Integral)):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         super().__init__()
-        self.ignore_index = ignore_index
+        self.register_buffer("weight", None)  # PyTorch's class-weight buffer slot (always None here)
+        self.num_classes = num_classes
+        self.out_features = ()
         self.reduction = reduction
+        self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.options = options
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.label_smoothing,
-                                      self.reduction)
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.Tensor) and input.dim() not in (1, 2):
+            raise ValueError(f"input must have shape (N, in_features) or (in_features,), got "
+                             f"{tuple(input.shape)}")
+        ignore = self.ignore_index
+        if ignore is None:  # soft targets take the functional's default, which ignores nothing
+            ignore = -100 if isinstance(target, torch.Tensor) and target.is_floating_point() else _NO_IGNORE
+        return F.linear_cross_entropy(input, self.linear.weight, target, self.linear.bias, ignore,
+                                      self.label_smoothing, self.reduction)
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}")
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}")

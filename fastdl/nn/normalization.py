@@ -22,8 +22,8 @@ class LayerNorm(torch.nn.LayerNorm):
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by fastdl's kernels."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (torch's RMSNorm names it x)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class _BatchNormForward:

@@ -14,9 +14,17 @@ then swap their submodules for fastdl's -- ``self_attn``/``multihead_attn`` ->
 
 Masks keep torch's meaning (bool True = *not* allowed; float = additive) and are passed on in the
 dtype given: bool masks stay bool for the kernel instead of becoming float as in torch.
+
+A norm or dropout that is not plain -- a subclass, parametrized, or with hooks (pruning, weight
+norm, a user's) -- is called as a module instead of fused, so it behaves as in torch. ``forward``
+calls the layer's own ``_sa``/``_mha``/``_ff`` (each sublayer's output before its dropout, which
+the add & norm fuses), not torch's ``_sa_block``/``_mha_block``/``_ff_block``: overriding those
+changes nothing here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -60,11 +68,25 @@ def _use_fastdl_submodules(layer: torch.nn.Module) -> None:
             setattr(layer, name, Dropout(child.p, child.inplace))
 
 
+def _plain(module: torch.nn.Module, *types: type) -> bool:
+    """Whether calling ``module`` would run exactly ``types``' forward and nothing else: not a
+    subclass with its own forward, not parametrized (that makes a subclass too), and no hooks of
+    its own or global ones (pruning and weight norm are hooks). Only then may the layer read its
+    parameters and fuse it away instead of calling it."""
+    nn_module = torch.nn.modules.module
+    return (type(module) in types
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks)
+            and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                     or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks))
+
+
 def _add_norm(x: torch.Tensor, residual: torch.Tensor, dropout: torch.nn.Module,
               norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + dropout(x)), residual + dropout(x))``, one fused kernel when ``dropout``
-    and ``norm`` are a Dropout and a LayerNorm over the last dimension (as torch builds them)."""
-    if (isinstance(dropout, torch.nn.Dropout) and isinstance(norm, torch.nn.LayerNorm)
+    and ``norm`` are a plain Dropout and LayerNorm over the last dimension (as torch builds them);
+    otherwise the two modules are called, so their hooks and overrides run as in torch."""
+    if (_plain(dropout, Dropout, torch.nn.Dropout) and _plain(norm, LayerNorm, torch.nn.LayerNorm)
             and len(norm.normalized_shape) == 1):
         return FD.dropout_add_layer_norm(x, residual, norm.weight, norm.bias, dropout.p, norm.eps,
                                          dropout.training)
@@ -106,8 +128,12 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     it goes to torch's own forward.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.relu,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         _use_fastdl_submodules(self)
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
@@ -140,8 +166,12 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     """``torch.nn.TransformerDecoderLayer`` on fastdl's attention, fused dropout + residual +
     LayerNorm, and dropout kernels (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.relu,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         _use_fastdl_submodules(self)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,

@@ -4,7 +4,7 @@ materialised logits: hard and soft targets, ignore_index, label smoothing, all r
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import check_op, saved_bytes
+from helpers import assert_close, check_op, saved_bytes
 
 import fastdl
 import fastdl.functional as F
@@ -120,13 +120,50 @@ def test_frozen_weight_and_empty_batch(backend, device):
     assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-def test_module(backend, device):
-    hidden, weight, bias, target = _inputs(21, 16, 70, torch.float32, device)
-    loss_fn = fastdl.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum")
-    assert "label_smoothing=0.1" in repr(loss_fn)
-    ref_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
-    check_op(lambda x, w, b: loss_fn(x, w, target, b), lambda x, w, b: ref_fn(x @ w.t() + b, target),
-             [hidden, weight, bias])
+@pytest.mark.parametrize("kwargs", [dict(bias=True, label_smoothing=0.1, reduction="sum"),
+                                    dict(ignore_index=3), dict(reduction="none"), dict(soft=True)],
+                         ids=["bias_smoothing_sum", "ignore_index", "none", "soft"])
+def test_module_is_torch_linear_cross_entropy_loss(backend, device, kwargs):
+    """torch.nn.LinearCrossEntropyLoss's twin: the same constructor, seed-for-seed Linear, state_dict
+    and values; loss and gradients against CrossEntropyLoss of that Linear in float64."""
+    kwargs = dict(kwargs)
+    soft = kwargs.pop("soft", False)
+    torch.manual_seed(1)
+    ours = fastdl.nn.LinearCrossEntropyLoss(16, 70, **kwargs, device=device)
+    torch.manual_seed(1)
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 70, **kwargs, device=device)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(21, 16, device=device, requires_grad=True)
+    target = torch.randint(0, 70, (21,), device=device)
+    if soft:
+        target = torch.softmax(torch.randn(21, 70, device=device), -1)
+    if "ignore_index" in kwargs:
+        target[::4] = kwargs["ignore_index"]
+    ce = torch.nn.CrossEntropyLoss(**{k: v for k, v in kwargs.items() if k != "bias"})
+    ref_target = target.double() if soft else target
+    check_op(lambda x, w, *b: ours(x, target), lambda x, w, *b: ce(TF.linear(x, w, *b), ref_target),
+             [x, ours.linear.weight] + ([ours.linear.bias] if ours.linear.bias is not None else []))
+    with torch.no_grad():
+        assert_close("against torch's module", ours(x, target), theirs(x, target).double(), rtol=1e-5)
+
+
+def test_module_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="out_features"):
+        fastdl.nn.LinearCrossEntropyLoss(8, 5, out_features=(3,))
+    with pytest.raises(ValueError, match="class weights"):
+        fastdl.nn.LinearCrossEntropyLoss(8, 5, weight=torch.ones(5))
+    with pytest.raises(TypeError):  # positional options (a CrossEntropyLoss-style call) are refused
+        fastdl.nn.LinearCrossEntropyLoss(8, 5, -100)
+    with pytest.raises(ValueError, match="reduction"):
+        fastdl.nn.LinearCrossEntropyLoss(8, 5, reduction="avg")
+    loss = fastdl.nn.LinearCrossEntropyLoss(8, 5)
+    with pytest.raises(ValueError, match="input must have shape"):
+        loss(torch.randn(2, 3, 8), torch.randint(0, 5, (2, 3)))
+    with pytest.raises(IndexError):  # ignore_index=None: -100 is an ordinary, out-of-range class
+        loss(torch.randn(2, 8), torch.tensor([1, -100]))
 
 
 def test_logits_are_never_saved(backend, device):

@@ -204,6 +204,9 @@ def test_bad_arguments():
         F.dropout(torch.randint(0, 5, (4, 8)), 0.5)
     with pytest.raises(TypeError, match="input"):
         F.dropout([1.0, 2.0], 0.5)
+    ints = torch.arange(6)
+    assert F.dropout(ints, 0.5, False) is ints and F.dropout(ints, 0.0) is ints  # identity, any dtype
+    assert TF.dropout(ints, 0.5, False) is ints
     for training in (None, 1, torch.tensor(True)):  # PyTorch's dropout takes a bool only, too
         with pytest.raises(TypeError, match="training must be a bool"):
             F.dropout(x, 0.5, training)

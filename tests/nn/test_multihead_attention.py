@@ -166,6 +166,41 @@ def test_fp16(backend, device):
              rtol=None)
 
 
+def test_fp16_with_float32_masks_beyond_fp16_range(backend, device):
+    """A float32 mask for an fp16 module is added in float32, as torch's: -1e5 (a uniform row
+    offset: ordinary attention) and finfo(float32).min keys (masked) do not become -inf rows."""
+    ours, ref = _pair(device, dtype=torch.float16, batch_first=True)
+    x = torch.randn(N, L, E, device=device, dtype=torch.float16)
+    mask = torch.randn(L, L, device=device)
+    mask[0] = -1e5
+    mask[2, :3] = torch.finfo(torch.float32).min
+    kpm = torch.zeros(N, L, device=device)
+    kpm[1, -2:] = -3e38
+    out = ours(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0]
+    expected = ref(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0]
+    assert not out.isnan().any()
+    assert_close("output", out, ref.double()(*(x.double(),) * 3, attn_mask=mask.double(),
+                                              key_padding_mask=kpm.double(), need_weights=False)[0],
+                 baseline=expected.double())
+
+
+def test_float_mask_dtypes_as_torch(backend, device):
+    """Float masks of another dtype than the query's are refused, as by torch (which raises a
+    RuntimeError), except float32 for an fp16/bf16 query on the fused path; never cast."""
+    mha = fastdl.nn.MultiheadAttention(E, 4, batch_first=True, device=device)
+    x = torch.randn(N, L, E, device=device)
+    with pytest.raises(TypeError, match="attn_mask must have the query's dtype"):
+        mha(x, x, x, attn_mask=torch.zeros(L, L, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="key_padding_mask must have the query's dtype"):
+        mha(x, x, x, key_padding_mask=torch.zeros(N, L, dtype=torch.float16, device=device))
+    mha16, x16 = mha.half(), x.half()
+    with pytest.raises(TypeError, match="need_weights=True"):
+        mha16(x16, x16, x16, attn_mask=torch.zeros(L, L, device=device))
+    ref = torch.nn.MultiheadAttention(E, 4, batch_first=True, device=device).half()
+    with pytest.raises(RuntimeError):
+        ref(x16, x16, x16, attn_mask=torch.zeros(L, L, device=device))
+
+
 def test_non_contiguous_inputs(backend, device):
     ours, ref = _pair(device, batch_first=True)
     q = torch.randn(L, N, E, device=device).transpose(0, 1)  # (N, L, E) view

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from helpers import assert_close, check_module
 
 import fastdl
@@ -231,6 +232,44 @@ def test_same_init_state_dict_and_modules():
     assert first is not second
     mask = ours.generate_square_subsequent_mask(4)
     assert torch.equal(mask, torch.nn.Transformer.generate_square_subsequent_mask(4))
+
+
+def test_layer_signatures_are_torchs():
+    import inspect
+    for name in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+        ours, theirs = (inspect.signature(getattr(m, name).__init__) for m in (fastdl.nn, torch.nn))
+        assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == \
+               [(p.name, p.default, p.kind) for p in theirs.parameters.values()]
+        assert type(torch.nn.utils.skip_init(getattr(fastdl.nn, name), D, 2)) is getattr(fastdl.nn, name)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_submodule_hooks_and_overrides_run_as_in_torch(backend, device, norm_first):
+    """A hooked, subclassed or pruned norm/dropout is called, not fused away: the same hooks fire
+    in the same order as in torch, and the layer's output is the one torch computes."""
+    class DoubledNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    ours, ref = _pair("TransformerEncoderLayer", D, 2, FF, 0.0, device=device, norm_first=norm_first)
+    calls = {id(ours): [], id(ref): []}
+    for layer in (ours, ref):
+        for name in ("dropout1", "norm1", "dropout2", "norm2"):
+            getattr(layer, name).register_forward_hook(
+                lambda m, i, o, name=name, layer=layer: calls[id(layer)].append(name))
+    x = _seq(S, False, device)
+    ours(x), ref(x)
+    assert calls[id(ours)] == calls[id(ref)] and len(calls[id(ref)]) == 4
+    for layer in (ours, ref):
+        doubled = DoubledNorm(D, device=device)
+        doubled.load_state_dict(layer.norm2.state_dict())
+        layer.norm2 = doubled
+    torch.nn.utils.prune.l1_unstructured(ours.norm1, "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(ref.norm1, "weight", amount=0.5)
+    for _ in range(2):  # a pruned weight is recomputed by its hook on every call
+        out = ours(x)
+        out.sum().backward()
+    assert_close("output", out, ref.double()(x.double()), rtol=RTOL)
 
 
 def test_custom_encoder_decoder(torch_path):
