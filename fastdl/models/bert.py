@@ -302,7 +302,7 @@ class BertLMPredictionHead(torch.nn.Module):
         if labels.shape[0] != x.shape[0]:
             raise ValueError(f"labels must have one entry per token ({tuple(hidden.shape[:-1])}), got "
                              f"{labels.shape[0]} in all")
-        if x.device.type != "cuda" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # (meta tensors: no values)
             scored = labels != -100
             x, labels = x[scored], labels[scored]
         weight, bias = self.output_layer()

@@ -9,19 +9,14 @@ import torch
 from .. import functional as F
 
 
-# ignore_index=None (nothing ignored) as an index no target can hold: a negative target then
-# fails the range check as it does in PyTorch, instead of being skipped like -100.
-_NO_IGNORE = -(2 ** 63)
-
-
 class LinearCrossEntropyLoss(torch.nn.Module):
     """``torch.nn.LinearCrossEntropyLoss`` (PyTorch 2.13): a ``Linear(in_features, num_classes)``,
     ``self.linear``, and the cross-entropy of its output, computed by
     :func:`fastdl.functional.linear_cross_entropy` without the (N, num_classes) logits ever
     existing. The same keyword-only options, parameters and state_dict as PyTorch's, seed for
     seed. ``forward(input (N, in_features) or (in_features,), target)``: int64 class indices (N,)
-    or probabilities (N, num_classes). ``ignore_index=None`` ignores nothing (an int ignores that
-    class, as ``CrossEntropyLoss``). Not supported, refused with ``ValueError``: ``out_features``
+    or probabilities (N, num_classes). ``ignore_index=None`` is cross-entropy's default, -100, as
+    in PyTorch's module. Not supported, refused with ``ValueError``: ``out_features``
     other than ``()`` (K-dimensional losses) and class ``weight``. ``options`` (PyTorch's
     chunking knobs) is kept but not used: the kernels choose their own chunks.
 
@@ -59,9 +54,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         if isinstance(input, torch.Tensor) and input.dim() not in (1, 2):
             raise ValueError(f"input must have shape (N, in_features) or (in_features,), got "
                              f"{tuple(input.shape)}")
-        ignore = self.ignore_index
-        if ignore is None:  # soft targets take the functional's default, which ignores nothing
-            ignore = -100 if isinstance(target, torch.Tensor) and target.is_floating_point() else _NO_IGNORE
+        ignore = -100 if self.ignore_index is None else self.ignore_index  # (PyTorch's None, measured)
         return F.linear_cross_entropy(input, self.linear.weight, target, self.linear.bias, ignore,
                                       self.label_smoothing, self.reduction)
 

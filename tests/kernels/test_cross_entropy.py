@@ -162,8 +162,10 @@ def test_module_refuses_what_it_cannot_compute():
     loss = fastdl.nn.LinearCrossEntropyLoss(8, 5)
     with pytest.raises(ValueError, match="input must have shape"):
         loss(torch.randn(2, 3, 8), torch.randint(0, 5, (2, 3)))
-    with pytest.raises(IndexError):  # ignore_index=None: -100 is an ordinary, out-of-range class
-        loss(torch.randn(2, 8), torch.tensor([1, -100]))
+    x, target = torch.randn(3, 8), torch.tensor([1, -100, 2])  # ignore_index=None ignores -100, as torch
+    assert_close("ignore_index=None", loss(x, target), TF.cross_entropy(loss.linear(x).double(), target))
+    with pytest.raises(IndexError):
+        loss(x, torch.tensor([1, -3, 2]))
 
 
 def test_logits_are_never_saved(backend, device):

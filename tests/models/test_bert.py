@@ -447,3 +447,14 @@ def test_bad_inputs(torch_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(ids, attention_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_meta_device_shapes_with_labels():
+    """Models built on the meta device infer shapes, labels included (no value is read)."""
+    with torch.device("meta"):
+        model = BertForPreTraining(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=4, intermediate_size=37))
+        ids = torch.randint(0, 99, (2, 7))
+        out = model(ids, torch.ones(2, 7), labels=ids, next_sentence_label=torch.zeros(2, dtype=torch.long))
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+    assert out.prediction_logits.shape == (2, 7, 99)
