@@ -118,15 +118,9 @@ def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
     return x.shape[0] if x.dim() == 2 else x.shape[1 if batch_first else 0]
 
 
-class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
-    """``torch.nn.TransformerEncoderLayer`` on fastdl's attention, fused dropout + residual +
-    LayerNorm, and dropout kernels (see the module docstring).
-
-    torch's inference fast path (``torch._transformer_encoder_layer_fwd``) is not taken: this
-    layer computes the same function in every mode. The one exception is a nested tensor, which
-    only ``torch.nn.TransformerEncoder``'s inference path produces (fastdl's encoder never does);
-    it goes to torch's own forward.
-    """
+class _FastdlSubmodules:
+    """The layers' constructor: torch's signature (so ``inspect`` and ``skip_init`` see it), torch's
+    construction, then fastdl's submodules in place of torch's."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str | Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.relu,
@@ -135,6 +129,17 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
         _use_fastdl_submodules(self)
+
+
+class TransformerEncoderLayer(_FastdlSubmodules, torch.nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` on fastdl's attention, fused dropout + residual +
+    LayerNorm, and dropout kernels (see the module docstring).
+
+    torch's inference fast path (``torch._transformer_encoder_layer_fwd``) is not taken: this
+    layer computes the same function in every mode. The one exception is a nested tensor, which
+    only ``torch.nn.TransformerEncoder``'s inference path produces (fastdl's encoder never does);
+    it goes to torch's own forward.
+    """
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -162,17 +167,9 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
-class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(_FastdlSubmodules, torch.nn.TransformerDecoderLayer):
     """``torch.nn.TransformerDecoderLayer`` on fastdl's attention, fused dropout + residual +
     LayerNorm, and dropout kernels (see the module docstring)."""
-
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.relu,
-                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
-                 bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        _use_fastdl_submodules(self)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
