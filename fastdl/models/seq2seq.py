@@ -78,6 +78,13 @@ class Seq2SeqTransformer(torch.nn.Module):
                 if pad_id is not None:
                     emb.weight[pad_id].zero_()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The sinusoid table is computed, not saved (a non-persistent buffer): refill it, so that a
+        # model built on the meta device, then to_empty() and load_state_dict(), is whole.
+        with torch.no_grad():
+            self.positions.copy_(sinusoidal_positions(self.max_len, self.d_model))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- pieces -----------------------------------------------------------------------------------
 
     def _embed(self, tokens: torch.Tensor, table: torch.nn.Embedding, name: str,

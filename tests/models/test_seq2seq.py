@@ -263,3 +263,17 @@ def test_generate_bad_arguments(torch_path):
         model.generate(src, 3, bos_id=1, num_beams=0)
     with pytest.raises(ValueError, match="eos_token_id"):
         model.generate(src, 3, bos_id=1, eos_id=2, eos_token_id=3)
+
+
+def test_meta_build_then_load_state_dict_is_whole(torch_path):
+    """Built on the meta device, moved with to_empty() and given a state_dict, the model computes
+    what the original does: the sinusoid table (a non-persistent buffer, never saved) is refilled
+    on load."""
+    model = Seq2SeqTransformer(**SMALL).eval()
+    with torch.device("meta"):
+        empty = Seq2SeqTransformer(**SMALL)
+    empty = empty.to_empty(device="cpu").eval()
+    empty.load_state_dict(model.state_dict())
+    assert torch.equal(empty.positions, sinusoidal_positions(empty.max_len, empty.d_model))
+    src, tgt = torch.randint(1, 20, (2, 6)), torch.randint(1, 20, (2, 5))
+    assert_close("logits", empty(src, tgt), model(src, tgt).double(), rtol=1e-6)
