@@ -205,12 +205,40 @@ def use(name: str) -> Iterator[None]:
     if name == "interpret":
         _enable_interpreter()
     token = _override.set(name)
+    tag = _tag_compile_caches()
     try:
         yield
     finally:
         _override.reset(token)
+        _tag_compile_caches(tag)
+
+
+_TAG = "fastdl-backend="
+
+
+def _tag_compile_caches(previous: str | None = None) -> str | None:
+    """Put the requested backend into ``torch.compile``'s cache key tag (or restore ``previous``);
+    returns the tag it replaced. A compiled graph's backward bakes in the backend chosen when it
+    was traced, and Inductor's on-disk caches key graphs without it: untagged, a process running
+    another backend could load that graph and mix backends (wrong gradients)."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):  # older PyTorch: nothing to tag
+        return None
+    old = config.cache_key_tag
+    if previous is None:
+        base = old.split(_TAG)[0].rstrip(";")
+        mode = "interpreted" if _env_true("TRITON_INTERPRET") else "compiled"
+        ours = f"{_TAG}{requested()}/{mode}"
+        config.cache_key_tag = f"{base};{ours}" if base else ours
+    else:
+        config.cache_key_tag = previous
+    return old
 
 
 # FASTDL_BACKEND=interpret must reach Triton before it is imported anywhere.
 if os.environ.get(ENV_VAR, "").strip().lower() == "interpret":
     _enable_interpreter()
+try:
+    _tag_compile_caches()
+except ValueError:  # a bad FASTDL_BACKEND: the first call reports it
+    pass

@@ -298,3 +298,50 @@ def test_export(backend, device, family):
     got = exported.module()(**batch)
     want = model(**batch)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor's on-disk caches and the backend
+# ---------------------------------------------------------------------------------------------
+
+_CACHED_STEP = """
+import torch, torch.nn.functional as TF
+import fastdl.functional as F
+torch.manual_seed(0)
+x, w, scale = torch.randn(4, 16), torch.randn(16), torch.arange(16.0)
+f = torch.compile(lambda x, w: (F.rms_norm(x, (16,), w) * scale).sum(), fullgraph=True)
+ours = x.clone().requires_grad_()
+f(ours, w).backward()
+ref = x.double().requires_grad_()
+(TF.rms_norm(ref, (16,), w.double()) * scale.double()).sum().backward()
+print((ours.grad.double() - ref.grad).abs().max().item())
+"""
+
+
+def test_processes_on_other_backends_do_not_share_compiled_graphs(tmp_path):
+    """A compiled backward bakes in the backend it was traced with. Two processes sharing
+    Inductor's on-disk cache, one on the interpreted kernels and one on torch, each get their own
+    graph (fastdl tags torch.compile's cache key with the backend) and the right gradient; sharing
+    one graph would pair the torch forward with the kernels' backward."""
+    import os
+    import subprocess
+    import sys
+    if not fastdl.backend.triton_available():
+        pytest.skip("needs Triton for the interpreted kernels")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1")
+    for name in ("interpret", "torch"):
+        run = subprocess.run([sys.executable, "-c", _CACHED_STEP], env=dict(env, FASTDL_BACKEND=name),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert float(run.stdout.split()[-1]) < 1e-4, f"{name}: gradient off by {run.stdout.split()[-1]}"
+
+
+def test_use_tags_the_compile_cache_key():
+    config = torch.compiler.config
+    before = config.cache_key_tag
+    with fastdl.backend.use("torch"):
+        assert "fastdl-backend=torch" in config.cache_key_tag
+        with fastdl.backend.use("auto"):
+            assert "fastdl-backend=auto" in config.cache_key_tag
+        assert "fastdl-backend=torch" in config.cache_key_tag
+    assert config.cache_key_tag == before
