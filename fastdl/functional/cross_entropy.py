@@ -308,6 +308,13 @@ def _check_args(hidden, weight, target, bias, ignore_index, label_smoothing, red
                         f"{target.dtype}")
     if vocab == 0:
         raise ValueError("weight has 0 rows: cross-entropy needs at least one class")
+    check_options(ignore_index, label_smoothing, reduction)
+    return soft
+
+
+def check_options(ignore_index, label_smoothing, reduction) -> None:
+    """TypeError / ValueError unless the loss options are those cross-entropy takes (shared with
+    :class:`fastdl.nn.LinearCrossEntropyLoss`, which checks them when it is built)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
@@ -316,7 +323,6 @@ def _check_args(hidden, weight, target, bias, ignore_index, label_smoothing, red
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
-    return soft
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:

@@ -417,7 +417,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if eager_torch_path("batch_norm", input, lambda: _batch_norm_unsupported(input)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     out, _, _, new_mean, new_var = torch.ops.fastdl.batch_norm(
-        input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .. import functional as F
+from ..functional.cross_entropy import check_options
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -33,13 +32,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                              "only (out_features=())")
         if weight is not None:
             raise ValueError("class weights (weight=) are not supported by fastdl's linear cross-entropy")
-        if ignore_index is not None and (isinstance(ignore_index, bool)
-                                         or not isinstance(ignore_index, numbers.Integral)):
-            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        check_options(-100 if ignore_index is None else ignore_index, label_smoothing, reduction)
         super().__init__()
         self.register_buffer("weight", None)  # PyTorch's class-weight buffer slot (always None here)
         self.num_classes = num_classes
