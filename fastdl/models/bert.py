@@ -376,7 +376,7 @@ class BertModel(BertPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 *, token_labels: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
         """``token_labels`` (B, S), -100 where unscored: the heads' per-token labels, which the
-        unpadded mode must not find at a padded position (see :meth:`_unpad`)."""
+        unpadded mode must not find at a padded position (see :meth:`_padding_unread`)."""
         _check_input_ids(input_ids)
         batch, seq = input_ids.shape
         mask = key_padding_mask(attention_mask, batch, seq, input_ids.device)
