@@ -26,6 +26,7 @@ casts the torch twin's (:func:`autocast_dtype`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -34,12 +35,40 @@ import torch
 from .. import backend
 
 _CPU = torch.device("cpu")
+_forward_ad = torch.autograd.forward_ad
+_functorch = torch._C._functorch
+_DIFFERENTIATING = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
 
 
 def operator(name: str, mutates_args: Sequence[str] = ()):
     """``torch.library.custom_op("fastdl::<name>")``. Its implementation runs below autocast (the
-    dispatcher excludes the autocast keys there), so the front does the casting."""
-    return lambda fn: torch.library.custom_op(f"fastdl::{name}", fn, mutates_args=tuple(mutates_args))
+    dispatcher excludes the autocast keys there), so the front does the casting; it refuses
+    forward-mode AD (:func:`refusing_tangents`)."""
+    return lambda fn: torch.library.custom_op(f"fastdl::{name}", refusing_tangents(name, fn),
+                                              mutates_args=tuple(mutates_args))
+
+
+def fake(op):
+    """``op.register_fake`` for a fake implementation that refuses forward-mode AD, as the real
+    one does (a compiled graph is traced through the fake one)."""
+    return lambda fn: op.register_fake(refusing_tangents(op._name, fn))
+
+
+def refusing_tangents(name: str, fn: Callable) -> Callable:
+    """``fn``, raising NotImplementedError when called under forward-mode AD. PyTorch calls a custom
+    operator there without its tangents and returns zero tangents for its outputs: a silent wrong
+    answer. Eager fronts never get here under forward AD (:func:`transform_reason` sends them to
+    PyTorch ops); ``torch.compile`` traces through the operator, so it raises at compile time."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if _forward_ad._current_level >= 0:
+            raise NotImplementedError(
+                f"fastdl::{name} has no forward-mode AD formula (torch.func.jvp/jacfwd, "
+                f"torch.autograd.forward_ad): call the fastdl function outside torch.compile, where "
+                f"it runs PyTorch ops under forward AD")
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
@@ -70,6 +99,23 @@ def path(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
     return backend.select(op, tensor, unsupported)
 
 
+def transform_reason() -> str | None:
+    """Why no operator can take a call now, or None: forward-mode AD is on (a
+    ``forward_ad.dual_level``, or ``torch.func.jvp`` / ``jacfwd``, which open one), or a
+    ``torch.func`` transform that differentiates (``grad``, ``vjp``, ``jacrev``) is active.
+    PyTorch runs a custom operator without its tangents under the first (silent zeros) and
+    refuses its autograd formula under the second, so fronts then run PyTorch ops (the torch
+    path) -- or raise, when a kernel backend is forced. ``vmap`` alone is fine (PyTorch loops)."""
+    if _forward_ad._current_level >= 0:
+        return ("forward-mode AD is active (torch.func.jvp/jacfwd or torch.autograd.forward_ad), and "
+                "PyTorch would run the kernel's operator without its tangents")
+    stack = _functorch.get_interpreter_stack()
+    if stack and any(level.key() in _DIFFERENTIATING for level in stack):
+        return ("a torch.func transform that differentiates (grad, vjp, jacrev) is active, and "
+                "PyTorch's custom operators cannot run under it")
+    return None
+
+
 def eager_torch_path(op: str, tensor: torch.Tensor, unsupported: Callable[[], str | None] | None = None
                      ) -> bool:
     """True when this call runs eagerly on the torch path. The front then calls the PyTorch ops the
@@ -77,13 +123,17 @@ def eager_torch_path(op: str, tensor: torch.Tensor, unsupported: Callable[[], st
     autograd instead of the operator's recomputing backward -- same values, same dropout masks.
     Under ``torch.compile`` / ``torch.export`` it is False without looking at the backend, so
     graphs always hold the operator. ``unsupported`` (called only when a kernel backend is
-    active) gives the op's reason the kernel cannot take the call, as for :func:`path`."""
+    active) gives the op's reason the kernel cannot take the call, as for :func:`path`; under
+    forward-mode AD or ``torch.func.grad`` (:func:`transform_reason`) no kernel can."""
     if torch.compiler.is_compiling():
         return False
     name = backend.resolve(tensor)
     if name == "torch":
         return True
-    return backend.select(op, tensor, None if unsupported is None else unsupported()) == "torch"
+    reason = transform_reason()
+    if reason is None and unsupported is not None:
+        reason = unsupported()
+    return backend.select(op, tensor, reason) == "torch"
 
 
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

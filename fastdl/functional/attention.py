@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake_like, operator,
+from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake, fake_like, operator,
                        or_empty, path, recompute_grads, seeded)
 from ._random import draw_seed
 from ._validate import all_cpu, broadcast, check_bool, check_floating, check_same_device, eager_index_check
@@ -206,7 +206,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     return as_output(o, (*query.shape[:-1], value.shape[-1])), as_output(lse, query.shape[:-1])
 
 
-@_attention_op.register_fake
+@fake(_attention_op)
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
     shape = _out_shape(query, key, value, enable_gqa)
     return query.new_empty(shape), query.new_empty(shape[:-1], dtype=torch.float32)
@@ -235,7 +235,7 @@ def _attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.T
     return dq, dk, dv, or_empty(dmask if mask_grad else None, query)
 
 
-@_attention_backward_op.register_fake
+@fake(_attention_backward_op)
 def _(grad, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, enable_gqa, seed, mask_grad,
       backend_name):
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
@@ -409,7 +409,7 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
             raise ValueError(f"{why}; got {cu.tolist()}")
 
 
-@torch.library.custom_op("fastdl::varlen_attention", mutates_args=())
+@operator("varlen_attention")
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                          is_causal: bool, scale: float | None,
@@ -423,13 +423,13 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         seed)
 
 
-@_varlen_attention_op.register_fake
+@fake(_varlen_attention_op)
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed):
     return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
             q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("fastdl::varlen_attention_backward", mutates_args=())
+@operator("varlen_attention_backward")
 def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -442,7 +442,7 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
         dropout_p, seed)
 
 
-@_varlen_attention_backward_op.register_fake
+@fake(_varlen_attention_backward_op)
 def _(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
       scale, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -493,6 +493,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale)
     dropout_p = float(dropout_p)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    if eager_torch_path(_VARLEN_OP, q, lambda: _varlen_unsupported(q, v, backend.resolve(q))):
+        _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+        return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, bool(is_causal), scale, seed)[0]
     out, _ = torch.ops.fastdl.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                int(max_seqlen_k), dropout_p, bool(is_causal),
                                                None if scale is None else float(scale), seed)

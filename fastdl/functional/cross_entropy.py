@@ -31,6 +31,7 @@ import numbers
 import torch
 
 from .. import backend
+from ._library import fake, operator, transform_reason
 from ._validate import check_floating, check_same_device, eager_index_check
 
 _OP = "linear_cross_entropy"
@@ -181,7 +182,7 @@ def _mean_count(target: torch.Tensor, n: int, ignore_index: int, dtype: torch.dt
     return (target != ignore_index).sum().to(dtype)
 
 
-@torch.library.custom_op("fastdl::linear_cross_entropy", mutates_args=())
+@operator("linear_cross_entropy")
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
                              grad_hidden: bool, grad_weight: bool, grad_bias: bool,
@@ -205,7 +206,7 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     return loss, *(t if t is not None else _empty(hidden) for t in (dh, dw, db))
 
 
-@_linear_cross_entropy_op.register_fake
+@fake(_linear_cross_entropy_op)
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, grad_hidden, grad_weight,
       grad_bias, out_dtype):
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=out_dtype)
@@ -216,7 +217,7 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, gr
     return loss, dh, dw, db
 
 
-@torch.library.custom_op("fastdl::linear_cross_entropy_backward", mutates_args=())
+@operator("linear_cross_entropy_backward")
 def _linear_cross_entropy_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                       bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
                                       label_smoothing: float, grad_hidden: bool, grad_weight: bool,
@@ -229,7 +230,7 @@ def _linear_cross_entropy_backward_op(grad: torch.Tensor, hidden: torch.Tensor, 
     return tuple(t if t is not None else _empty(hidden) for t in (dh, dw, db))
 
 
-@_linear_cross_entropy_backward_op.register_fake
+@fake(_linear_cross_entropy_backward_op)
 def _(grad, hidden, weight, bias, target, ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias):
     return (hidden.new_empty(hidden.shape) if grad_hidden else _empty(hidden),
             weight.new_empty(weight.shape) if grad_weight else _empty(hidden),
@@ -356,6 +357,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         out_dtype = torch.float32
     h = hidden.reshape(-1, hidden.shape[-1])
     t = target.reshape(-1, weight.shape[0]) if soft else target.reshape(-1)
+    reason = None if torch.compiler.is_compiling() else transform_reason()
+    if reason is not None:  # no operator can run: PyTorch's unfused ops (a forced kernel backend raises)
+        backend.select(_OP, hidden, reason)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        loss = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(h, weight, bias).to(acc), t.to(acc) if soft else t,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction).to(out_dtype)
+        return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
     grad = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.fastdl.linear_cross_entropy(
         h, weight, bias, t, int(ignore_index), float(label_smoothing), reduction,

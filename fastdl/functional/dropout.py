@@ -28,7 +28,7 @@ from torch.overrides import has_torch_function_unary
 
 from .. import backend
 from ._double_backward import differentiable_grads
-from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, path,
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty, path,
                        recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
 from ._validate import all_cpu, check_bool, check_floating, check_param_dtypes, check_same_device, check_shape
@@ -85,8 +85,8 @@ def _dropout_fake(input, p, seed, *backend_name):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-_dropout_op.register_fake(_dropout_fake)
-_dropout_backward_op.register_fake(_dropout_fake)
+fake(_dropout_op)(_dropout_fake)
+fake(_dropout_backward_op)(_dropout_fake)
 
 
 def _dropout_setup(ctx, inputs, output):
@@ -183,7 +183,7 @@ def _dropout_add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor | None, w
     return as_output(out, x.shape), as_output(pre, x.shape), mean, rstd
 
 
-@_dropout_add_layer_norm_op.register_fake
+@fake(_dropout_add_layer_norm_op)
 def _(x, residual, weight, bias, p, eps, seed):
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     rows = math.prod(x.shape[:-1])
@@ -216,7 +216,7 @@ def _dropout_add_layer_norm_backward_op(
     return dx.view(shape), or_empty(dres, pre), or_empty(dw, pre), or_empty(db, pre)
 
 
-@_dropout_add_layer_norm_backward_op.register_fake
+@fake(_dropout_add_layer_norm_backward_op)
 def _(dout, dpre, x, residual, pre, weight, bias, mean, rstd, p, eps, seed, x_dtype, residual_dtype,
       bias_dtype, backend_name):
     dres = None if residual_dtype is None else pre.new_empty(pre.shape, dtype=residual_dtype)

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none,
-                       path, recompute_grads, stats_dtype, unaliased)
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty,
+                       or_none, path, recompute_grads, stats_dtype, unaliased)
 from ._random import draw_seed
 from ._validate import all_cpu, check_bool, check_floating, check_same_device, eager_index_check
 from .dropout import _check_p, _torch_dropout
@@ -121,7 +121,7 @@ def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, s
     return as_output(out, (*input.shape, weight.shape[1]))
 
 
-@_embedding_op.register_fake
+@fake(_embedding_op)
 def _(input, weight, padding_idx, scale_grad_by_freq, sparse):
     return weight.new_empty((*input.shape, weight.shape[1]))
 
@@ -140,7 +140,7 @@ def _embedding_backward_op(grad: torch.Tensor, input: torch.Tensor, num_embeddin
                                                       weight_dtype)
 
 
-@_embedding_backward_op.register_fake
+@fake(_embedding_backward_op)
 def _(grad, input, num_embeddings, padding_idx, scale_grad_by_freq, weight_dtype, backend_name):
     return grad.new_empty((num_embeddings, grad.shape[-1]), dtype=weight_dtype)
 
@@ -187,7 +187,7 @@ def _embedding_renorm_op(weight: torch.Tensor, input: torch.Tensor, max_norm: fl
     torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
 
 
-@_embedding_renorm_op.register_fake
+@fake(_embedding_renorm_op)
 def _(weight, input, max_norm, norm_type):
     return None
 
@@ -263,7 +263,7 @@ def _bert_dtype(word, position, token_type) -> torch.dtype:
     return torch.promote_types(torch.promote_types(word.dtype, position.dtype), token_type.dtype)
 
 
-@_bert_embeddings_op.register_fake
+@fake(_bert_embeddings_op)
 def _(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed,
       padding_idx):
     dtype = _bert_dtype(word, position, token_type)
@@ -296,7 +296,7 @@ def _bert_embeddings_backward_op(
     return tuple(unaliased([or_empty(g, word) for g in grads], (grad,)))
 
 
-@_bert_embeddings_backward_op.register_fake
+@fake(_bert_embeddings_backward_op)
 def _(grad, input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, mean,
       rstd, eps, p, seed, padding_idx, needs_grad, backend_name):
     tables = [fake_like(t if need else None, word)

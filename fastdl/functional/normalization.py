@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (as_output, autocast_dtype, eager_torch_path, fake_like, operator, or_empty, or_none,
-                       path, recompute_grads, stats_dtype)
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty,
+                       or_none, path, recompute_grads, stats_dtype)
 from ._validate import (all_cpu, as_shape, check_bool, check_floating, check_param_dtypes, check_same_device,
                         check_shape)
 
@@ -80,7 +80,7 @@ def _layer_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
     return as_output(y, input.shape), mean, rstd
 
 
-@_layer_norm_op.register_fake
+@fake(_layer_norm_op)
 def _(input, weight, bias, ndim, eps):
     rows, stats = _rows(input, ndim), stats_dtype(input.dtype)
     return (input.new_empty(input.shape), input.new_empty(rows, dtype=stats),
@@ -102,7 +102,7 @@ def _layer_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: tor
     return dx, or_empty(dw, input), or_empty(db, input)
 
 
-@_layer_norm_backward_op.register_fake
+@fake(_layer_norm_backward_op)
 def _(grad, input, weight, bias, mean, rstd, ndim, eps, backend_name):
     return input.new_empty(input.shape), fake_like(weight, input), fake_like(bias, input)
 
@@ -145,7 +145,7 @@ def _rms_norm_op(input: torch.Tensor, weight: torch.Tensor | None, ndim: int,
     return as_output(y, input.shape), rstd
 
 
-@_rms_norm_op.register_fake
+@fake(_rms_norm_op)
 def _(input, weight, ndim, eps):
     return input.new_empty(input.shape), input.new_empty(_rows(input, ndim), dtype=stats_dtype(input.dtype))
 
@@ -164,7 +164,7 @@ def _rms_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: torch
     return dx, or_empty(dw, input)
 
 
-@_rms_norm_backward_op.register_fake
+@fake(_rms_norm_backward_op)
 def _(grad, input, weight, rstd, ndim, eps, backend_name):
     return input.new_empty(input.shape), fake_like(weight, input)
 
@@ -292,7 +292,7 @@ def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
     return out, mean, rstd, running_mean, running_var
 
 
-@_batch_norm_op.register_fake
+@fake(_batch_norm_op)
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     stats = stats_dtype(input.dtype)
     update = training and running_mean is not None
@@ -320,7 +320,7 @@ def _batch_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: tor
     return dx, or_empty(dw, input), or_empty(db, input)
 
 
-@_batch_norm_backward_op.register_fake
+@fake(_batch_norm_backward_op)
 def _(grad, input, weight, bias, running_mean, running_var, mean, rstd, training, eps, backend_name):
     dx = torch.empty_like(input, memory_format=_batch_norm_format(input))
     return dx, fake_like(weight, input), fake_like(bias, input)

@@ -1,0 +1,217 @@
+"""Forward-mode AD and torch.func transforms through every public function.
+
+PyTorch runs a custom operator without its tangents under forward-mode AD (silent zeros) and
+refuses its autograd formula under ``torch.func.grad``. So under ``auto`` these calls take the
+torch path (PyTorch ops), and a forced kernel backend raises. Each case is compared with its
+PyTorch twin run in float64 on the same inputs and tangents.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as TF
+
+import fastdl
+import fastdl.functional as F
+from fastdl.backend import BackendError
+from tests.helpers import assert_close
+
+D = 16
+
+
+def _case_layer_norm():
+    x, w, b = torch.randn(3, 5, D), torch.randn(D), torch.randn(D)
+    return ((x, w, b), lambda x, w, b: F.layer_norm(x, (D,), w, b),
+            lambda x, w, b: TF.layer_norm(x, (D,), w, b))
+
+
+def _case_rms_norm():
+    x, w = torch.randn(3, 5, D), torch.randn(D)
+    return (x, w), lambda x, w: F.rms_norm(x, (D,), w), lambda x, w: TF.rms_norm(x, (D,), w)
+
+
+def _case_batch_norm():
+    x, w, b = torch.randn(6, 4, 5), torch.randn(4), torch.randn(4)
+    return ((x, w, b), lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            lambda x, w, b: TF.batch_norm(x, None, None, w, b, training=True))
+
+
+def _case_add_norm():
+    x, r, w, b = torch.randn(4, D), torch.randn(4, D), torch.randn(D), torch.randn(D)
+    return ((x, r, w, b), lambda x, r, w, b: F.dropout_add_layer_norm(x, r, w, b, p=0.0)[0],
+            lambda x, r, w, b: TF.layer_norm(x + r, (D,), w, b))
+
+
+def _case_embedding():
+    w, idx = torch.randn(11, D), torch.randint(0, 11, (3, 7))
+    return (w,), lambda w: F.embedding(idx, w), lambda w: TF.embedding(idx, w)
+
+
+def _case_bert_embeddings():
+    ids, types = torch.randint(0, 13, (2, 6)), torch.randint(0, 2, (2, 6))
+    word, pos, typ = torch.randn(13, D), torch.randn(8, D), torch.randn(2, D)
+    g, b = torch.randn(D), torch.randn(D)
+
+    def ours(word, pos, typ, g, b):
+        return F.bert_embeddings(ids, types, None, word, pos, typ, g, b, 1e-12, 0.1, False)
+
+    def ref(word, pos, typ, g, b):
+        return TF.layer_norm(word[ids] + pos[:6] + typ[types], (D,), g, b, 1e-12)
+
+    return (word, pos, typ, g, b), ours, ref
+
+
+def _case_sdpa():
+    q, k, v = torch.randn(2, 3, 5, D), torch.randn(2, 3, 7, D), torch.randn(2, 3, 7, D)
+    mask = torch.randn(2, 1, 5, 7)
+    return ((q, k, v), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)))
+
+
+def _case_varlen():
+    lengths = [3, 5]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = torch.randn(8, 2, D), torch.randn(8, 2, D), torch.randn(8, 2, D)
+
+    def ref(q, k, v):
+        outs = [TF.scaled_dot_product_attention(*(t[a:a + n].transpose(0, 1) for t in (q, k, v)),
+                                                is_causal=True).transpose(0, 1)
+                for a, n in zip(cu[:-1].tolist(), lengths)]
+        return torch.cat(outs)
+
+    return ((q, k, v), lambda q, k, v: F.varlen_attention(q, k, v, cu, cu, 5, 5, is_causal=True), ref)
+
+
+def _case_linear_cross_entropy():
+    h, w, b = torch.randn(6, D), torch.randn(37, D), torch.randn(37)
+    t = torch.randint(0, 37, (6,))
+    t[2] = -100
+    return ((h, w, b), lambda h, w, b: F.linear_cross_entropy(h, w, t, b, label_smoothing=0.1),
+            lambda h, w, b: TF.cross_entropy(TF.linear(h, w, b), t, label_smoothing=0.1))
+
+
+CASES = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
+
+
+def _interpreting() -> bool:
+    return fastdl.backend.triton_available() and fastdl.backend.interpreter_active()
+
+
+def _reference(ref, inputs, tangents):
+    """(output, jvp tangent) of the PyTorch twin in float64."""
+    return torch.func.jvp(ref, tuple(t.double() for t in inputs), tuple(t.double() for t in tangents))
+
+
+def _torch_refuses(ref, inputs, tangents) -> type | None:
+    """The exception type PyTorch's twin raises in the inputs' own dtype -- under forward-mode AD
+    with ``tangents``, else called as is (CPU flash attention has no forward formula), or None."""
+    try:
+        ref(*inputs) if tangents is None else torch.func.jvp(ref, inputs, tangents)
+    except (NotImplementedError, RuntimeError) as error:
+        return type(error)
+    return None
+
+
+@pytest.fixture(params=["auto", "torch"])
+def chosen(request):
+    with fastdl.backend.use(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jvp_carries_tangents(case, chosen):
+    inputs, ours, ref = CASES[case]()
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    refused = _torch_refuses(ref, inputs, tangents)
+    if refused is not None:  # fastdl raises as PyTorch does, never silent zeros
+        with pytest.raises(refused):
+            torch.func.jvp(ours, inputs, tangents)
+        return
+    out, tangent = torch.func.jvp(ours, inputs, tangents)
+    ref_out, ref_tangent = _reference(ref, inputs, tangents)
+    assert_close(f"{case} output", out, ref_out.float(), rtol=1e-5)
+    assert_close(f"{case} jvp", tangent, ref_tangent.float(), rtol=1e-5)
+    assert tangent.abs().max() > 0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_ad_dual_tensors(case, chosen):
+    inputs, ours, ref = CASES[case]()
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    refused = _torch_refuses(ref, inputs, tangents)
+    with fwAD.dual_level(), (pytest.raises(refused) if refused else contextlib.nullcontext()):
+        out = ours(*(fwAD.make_dual(x, t) for x, t in zip(inputs, tangents)))
+        tangent = fwAD.unpack_dual(out).tangent
+    if refused:
+        return
+    assert tangent is not None, f"{case}: the tangent was dropped"
+    _, ref_tangent = _reference(ref, inputs, tangents)
+    assert_close(f"{case} forward AD", tangent, ref_tangent.float(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_func_grad_and_jacfwd(case, chosen):
+    inputs, ours, ref = CASES[case]()
+    out = ours(*inputs)
+    cotangent = torch.randn_like(out)
+    argnums = tuple(range(len(inputs)))
+    grads = torch.func.grad(lambda *a: (ours(*a) * cotangent).sum(), argnums=argnums)(*inputs)
+    ref_grads = torch.func.grad(lambda *a: (ref(*a) * cotangent.double()).sum(), argnums=argnums)(
+        *(t.double() for t in inputs))
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(f"{case} grad {i}", g, r.float(), rtol=1e-5)
+    # Forward over reverse: a Hessian-vector product through the op (jvp of grad).
+    tangent = torch.randn_like(inputs[0])
+
+    def hvp(fn, dtype):
+        rest = tuple(t.to(dtype) for t in inputs[1:])
+        cot = cotangent.to(dtype)
+
+        def first_grad(x):
+            return torch.func.grad(lambda x: (fn(x, *rest) * cot).sum())(x)
+
+        return torch.func.jvp(first_grad, (inputs[0].to(dtype),), (tangent.to(dtype),))[1]
+
+    refused = _torch_refuses(lambda x: hvp(ref, x.dtype), inputs[:1], tangents=None)
+    if refused is not None:
+        with pytest.raises(refused):
+            hvp(ours, inputs[0].dtype)
+        return
+    assert_close(f"{case} hvp", hvp(ours, inputs[0].dtype), hvp(ref, torch.float64).float(), rtol=1e-4)
+
+
+def test_dropout_tangent_follows_the_mask(chosen):
+    x, t, p = torch.randn(64, 64), torch.randn(64, 64), 0.3
+    out, tangent = torch.func.jvp(lambda x: F.dropout(x, p), (x,), (t,))
+    kept = out != 0
+    assert 0.6 < kept.float().mean() < 0.8
+    torch.testing.assert_close(tangent, torch.where(kept, t / (1 - p), 0.0))
+    torch.testing.assert_close(out, torch.where(kept, x / (1 - p), 0.0))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forced_kernel_backend_refuses_transforms(case):
+    if not _interpreting():
+        pytest.skip("the interpreter is not active in this process")
+    inputs, ours, _ = CASES[case]()
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    with fastdl.backend.use("interpret"):
+        ours(*inputs)  # without a transform the kernel takes the call
+        with pytest.raises(BackendError, match="forward-mode AD"):
+            torch.func.jvp(ours, inputs, tangents)
+        with pytest.raises(BackendError, match="torch.func transform"):
+            torch.func.grad(lambda *a: ours(*a).sum())(*inputs)
+
+
+def test_operators_refuse_forward_ad():
+    """Called directly (or traced by torch.compile, which runs the fake implementation), an
+    operator under forward-mode AD raises instead of returning zero tangents."""
+    x, w, b, t = torch.randn(4, D), torch.randn(D), torch.randn(D), torch.randn(4, D)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="fastdl::layer_norm"):
+        torch.ops.fastdl.layer_norm(fwAD.make_dual(x, t), w, b, 1, 1e-5)
+    with pytest.raises(Exception, match="no forward-mode AD formula"):
+        torch.compile(lambda x, t: torch.func.jvp(lambda x: F.layer_norm(x, (D,), w, b), (x,), (t,)),
+                      backend="aot_eager", fullgraph=True)(x, t)
+    torch._dynamo.reset()
