@@ -130,13 +130,14 @@ def _device_type(tensor: torch.Tensor) -> str:
     return tensor.device.type
 
 
-def resolve(tensor: torch.Tensor) -> str:
-    """The backend a fastdl call on ``tensor`` will use.
+def resolve(tensor: torch.Tensor, requested_name: str | None = None) -> str:
+    """The backend a fastdl call on ``tensor`` will use: for ``requested_name`` (what an operator
+    call carries, see :func:`operator_requested`), else for :func:`requested`.
 
     Raises :class:`BackendError` if a forced backend (``triton`` or ``interpret``) cannot run on
     this tensor.
     """
-    override = _override.get()
+    override = _override.get() if requested_name is None else requested_name
     if override == "torch":
         return "torch"  # fast path: use("torch") decides before the environment is read (~0.7 us)
     if override is None:
@@ -154,12 +155,12 @@ def resolve(tensor: torch.Tensor) -> str:
     key = (override, env, kernels_mode, _device_type(tensor))
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(tensor)  # not cached when it raises
+        name = _resolved[key] = _resolve(tensor, override)  # not cached when it raises
     return name
 
 
-def _resolve(tensor: torch.Tensor) -> str:
-    name = requested()
+def _resolve(tensor: torch.Tensor, override: str | None) -> str:
+    name = requested() if override is None else override
     if tensor.device.type == "meta":
         return "torch"  # shapes and dtypes only: torch's meta functions compute them, nothing runs
     if name == "auto":
@@ -176,16 +177,18 @@ def _resolve(tensor: torch.Tensor) -> str:
     return name
 
 
-def select(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
+def select(op: str, tensor: torch.Tensor, unsupported: str | None = None,
+           requested_name: str | None = None) -> str:
     """The backend for one call of ``op``, given why its kernel cannot take this call, if it can't.
 
     ``unsupported`` is the op's own reason (an unsupported dtype, head dim, option...). Under
     ``auto`` such a call takes the torch path; under a forced kernel backend it raises.
+    ``requested_name`` as for :func:`resolve`.
     """
-    name = resolve(tensor)
+    name = resolve(tensor, requested_name)
     if name == "torch" or unsupported is None:
         return name
-    if requested() == "auto":
+    if (requested() if requested_name is None else requested_name) == "auto":
         return "torch"
     raise BackendError(f"{op}: the {name!r} backend is forced but its kernel cannot run this call: "
                        f"{unsupported}")
@@ -204,13 +207,48 @@ def use(name: str) -> Iterator[None]:
     name = _check_choice(name, "fastdl.backend.use(name)")
     if name == "interpret":
         _enable_interpreter()
+    global _use_mirror
     token = _override.set(name)
+    _use_mirror = name
     tag = _tag_compile_caches()
     try:
         yield
     finally:
         _override.reset(token)
+        _use_mirror = _override.get() or ""
         _tag_compile_caches(tag)
+
+
+# What use() last made the innermost override, in any thread ("" for none). torch.compile cannot
+# read the ContextVar, but it guards on this global: a graph traced under one use() is traced
+# again under another instead of being reused.
+_use_mirror = ""
+
+
+def operator_requested() -> str:
+    """The requested backend a fastdl operator call carries (its ``requested`` argument), which its
+    implementation and its autograd formula both resolve: :func:`requested`, or, under
+    ``torch.compile``, its value when the graph was traced. A compiled graph's forward and backward
+    then run on one backend: the one asked for when it was traced (``use()`` changes retrace it;
+    ``FASTDL_BACKEND`` is read at tracing only)."""
+    if torch.compiler.is_compiling():
+        return _requested_when_traced(_use_mirror)
+    return requested()
+
+
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (which
+    imports Triton and so fixes its mode before ``use("interpret")`` could, see
+    :func:`_enable_interpreter`): that function only sets this attribute (tested)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
+def _requested_when_traced(_mirror: str) -> str:
+    # A constant of the graph, computed once when it is traced (Dynamo cannot trace the ContextVar);
+    # the argument only makes the graph guard on _use_mirror.
+    return requested()
 
 
 _TAG = "fastdl-backend="

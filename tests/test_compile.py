@@ -39,41 +39,44 @@ def _r(*shape, grad=True, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 
 
-def _opcheck_samples():
-    """(operator, args) pairs covering each op's options."""
+def _opcheck_samples(requested: str):
+    """(operator, args) pairs covering each op's options, each call carrying ``requested`` (the
+    backend its implementation and autograd formula resolve)."""
     ops = torch.ops.fastdl
     ids = torch.randint(0, 11, (3, 5))
     ids[0, :2] = 2  # repeated and padding rows
     mask_bool = torch.rand(2, 1, 5, 7) > 0.3
     seed = torch.tensor([1234])
-    yield ops.layer_norm, (_r(3, 5, 7), _r(7), _r(7), 1, 1e-5)
-    yield ops.layer_norm, (_r(3, 5, 7), None, None, 2, 1e-3)
-    yield ops.rms_norm, (_r(3, 5, 7), _r(7), 1, None)
-    yield ops.rms_norm, (_r(4, 6), None, 1, 1e-4)
-    yield ops.batch_norm, (_r(4, 3, 5), _r(3), _r(3), torch.randn(3), torch.rand(3) + 0.5, True, 0.1, 1e-5)
-    yield ops.batch_norm, (_r(4, 3, 5), _r(3), None, torch.randn(3), torch.rand(3) + 0.5, False, 0.1, 1e-5)
+    yield ops.layer_norm, (_r(3, 5, 7), _r(7), _r(7), 1, 1e-5, requested)
+    yield ops.layer_norm, (_r(3, 5, 7), None, None, 2, 1e-3, requested)
+    yield ops.rms_norm, (_r(3, 5, 7), _r(7), 1, None, requested)
+    yield ops.rms_norm, (_r(4, 6), None, 1, 1e-4, requested)
+    yield ops.batch_norm, (_r(4, 3, 5), _r(3), _r(3), torch.randn(3), torch.rand(3) + 0.5, True, 0.1, 1e-5,
+                           requested)
+    yield ops.batch_norm, (_r(4, 3, 5), _r(3), None, torch.randn(3), torch.rand(3) + 0.5, False, 0.1, 1e-5,
+                           requested)
     yield ops.batch_norm, (_r(4, 3, 2, 3).contiguous(memory_format=torch.channels_last), None, None,
-                           None, None, True, 0.1, 1e-5)
-    yield ops.dropout, (_r(5, 7), 0.3, seed)
-    yield ops.dropout_add_layer_norm, (_r(3, 5, 8), _r(3, 5, 8), _r(8), _r(8), 0.2, 1e-5, seed)
-    yield ops.dropout_add_layer_norm, (_r(4, 8), None, None, None, 0.0, 1e-5, None)
-    yield ops.embedding, (ids, _r(11, 6), 2, False, False)
-    yield ops.embedding, (ids, _r(11, 6), -1, True, False)
+                           None, None, True, 0.1, 1e-5, requested)
+    yield ops.dropout, (_r(5, 7), 0.3, seed, requested)
+    yield ops.dropout_add_layer_norm, (_r(3, 5, 8), _r(3, 5, 8), _r(8), _r(8), 0.2, 1e-5, seed, requested)
+    yield ops.dropout_add_layer_norm, (_r(4, 8), None, None, None, 0.0, 1e-5, None, requested)
+    yield ops.embedding, (ids, _r(11, 6), 2, False, False, requested)
+    yield ops.embedding, (ids, _r(11, 6), -1, True, False, requested)
     yield ops.embedding_renorm_, (torch.randn(11, 6), ids, 1.0, 2.0)
     yield ops.bert_embeddings, (ids, torch.randint(0, 2, (3, 5)), torch.arange(5).expand(3, 5), _r(11, 8),
-                                _r(9, 8), _r(2, 8), _r(8), _r(8), 1e-12, 0.1, seed, 0)
+                                _r(9, 8), _r(2, 8), _r(8), _r(8), 1e-12, 0.1, seed, 0, requested)
     q, k, v = _r(2, 4, 5, 16), _r(2, 2, 7, 16), _r(2, 2, 7, 16)
-    yield ops.scaled_dot_product_attention, (q, k, v, mask_bool, 0.0, False, None, True, None)
+    yield ops.scaled_dot_product_attention, (q, k, v, mask_bool, 0.0, False, None, True, None, requested)
     yield ops.scaled_dot_product_attention, (q, _r(2, 4, 7, 16), _r(2, 4, 7, 16), _r(5, 7), 0.0, False,
-                                             0.3, False, None)
-    yield ops.scaled_dot_product_attention, (q, k, v, None, 0.2, True, None, True, seed)
+                                             0.3, False, None, requested)
+    yield ops.scaled_dot_product_attention, (q, k, v, None, 0.2, True, None, True, seed, requested)
 
 
 @pytest.mark.parametrize("index", range(17))
 def test_opcheck(backend, device, index):
     if backend == "triton":
         pytest.skip("CPU samples")
-    op, args = list(_opcheck_samples())[index]
+    op, args = list(_opcheck_samples(backend))[index]
     torch.library.opcheck(op, args)
 
 
@@ -345,3 +348,46 @@ def test_use_tags_the_compile_cache_key():
             assert "fastdl-backend=auto" in config.cache_key_tag
         assert "fastdl-backend=torch" in config.cache_key_tag
     assert config.cache_key_tag == before
+
+
+# ---------------------------------------------------------------------------------------------
+# One process, several backends: use() around a compiled function
+# ---------------------------------------------------------------------------------------------
+
+def test_use_around_a_compiled_function_retraces_it(monkeypatch):
+    """A compiled graph's forward and backward run on the backend asked for when it was traced: a
+    graph traced under one use() is traced again under another (it guards on use()), and one
+    backend's forward is never paired with another's backward. Dropout shows a pairing: the kernels'
+    mask differs from the torch path's, so the gradient would not match the output's zeros."""
+    if not (fastdl.backend.triton_available() and fastdl.backend.interpreter_active()):
+        pytest.skip("needs Triton's interpreter")
+    import fastdl.functional as F
+    kernels = fastdl.backend.kernels("dropout")
+    launches = []
+    real = kernels.dropout_fwd
+    monkeypatch.setattr(kernels, "dropout_fwd", lambda *a: launches.append(1) or real(*a))
+    p = 0.5
+    step = torch.compile(lambda x: F.dropout(x, p) * 3.0, backend="aot_eager", fullgraph=True)
+
+    def run(name, launched):
+        before = len(launches)
+        with fastdl.backend.use(name):
+            x = torch.randn(64, 32, requires_grad=True)
+            out = step(x)
+            out.sum().backward()
+        kept = (out != 0).float()
+        assert 0.3 < kept.mean() < 0.7
+        torch.testing.assert_close(x.grad, kept * 3.0 / (1 - p), msg=f"{name}: forward and backward masks")
+        assert len(launches) - before == launched, f"{name}: {len(launches) - before} kernel launches"
+
+    run("interpret", 2)  # the forward's mask and the backward's, on the kernel
+    run("torch", 0)
+    run("interpret", 2)
+    run("torch", 0)
+
+
+def test_the_compile_marker_is_torchs():
+    """fastdl marks its trace-time constant as torch.compiler.assume_constant_result would (without
+    importing torch._dynamo at import)."""
+    marked = vars(torch.compiler.assume_constant_result(lambda: None))
+    assert marked and all(getattr(fastdl.backend._requested_when_traced, k) == v for k, v in marked.items())

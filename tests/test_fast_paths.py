@@ -76,7 +76,7 @@ def test_eager_and_operator_paths_draw_one_mask():
         torch.manual_seed(3)
         eager = F.dropout(x, 0.4)
         torch.manual_seed(3)
-        operator = torch.ops.fastdl.dropout(x, 0.4, draw_seed("cpu"))
+        operator = torch.ops.fastdl.dropout(x, 0.4, draw_seed("cpu"), "torch")
     _same_bits(eager, operator)
 
 

@@ -210,7 +210,7 @@ def test_operators_refuse_forward_ad():
     operator under forward-mode AD raises instead of returning zero tangents."""
     x, w, b, t = torch.randn(4, D), torch.randn(D), torch.randn(D), torch.randn(4, D)
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="fastdl::layer_norm"):
-        torch.ops.fastdl.layer_norm(fwAD.make_dual(x, t), w, b, 1, 1e-5)
+        torch.ops.fastdl.layer_norm(fwAD.make_dual(x, t), w, b, 1, 1e-5, "auto")
     with pytest.raises(Exception, match="no forward-mode AD formula"):
         torch.compile(lambda x, t: torch.func.jvp(lambda x: F.layer_norm(x, (D,), w, b), (x,), (t,)),
                       backend="aot_eager", fullgraph=True)(x, t)

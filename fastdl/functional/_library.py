@@ -94,9 +94,10 @@ def autocast_to(dtype: torch.dtype | None, tensor: torch.Tensor | None) -> torch
     return tensor.to(dtype)
 
 
-def path(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> str:
-    """The backend that runs this call of ``op`` (see :func:`fastdl.backend.select`)."""
-    return backend.select(op, tensor, unsupported)
+def path(op: str, tensor: torch.Tensor, unsupported: str | None, requested: str) -> str:
+    """The backend that runs this call of ``op``, for the ``requested`` backend its operator call
+    carries (see :func:`fastdl.backend.select`, :func:`fastdl.backend.operator_requested`)."""
+    return backend.select(op, tensor, unsupported, requested)
 
 
 def transform_reason() -> str | None:

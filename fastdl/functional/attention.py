@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
 from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake, fake_like, operator,
-                       or_empty, path, recompute_grads, seeded)
+                       or_empty, path, recompute_grads, seeded, transform_reason)
 from ._random import draw_seed
 from ._validate import all_cpu, broadcast, check_bool, check_floating, check_same_device, eager_index_check
 
@@ -145,8 +145,9 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.view(_shape_4d(t)) if t.dim() < 4 else t
 
 
-def _path(query, key, value, attn_mask, enable_gqa) -> str:
-    return path(_OP, query, _unsupported(query, key, value, attn_mask, enable_gqa, backend.resolve(query)))
+def _path(query, key, value, attn_mask, enable_gqa, requested: str) -> str:
+    return path(_OP, query, _unsupported(query, key, value, attn_mask, enable_gqa,
+                                         backend.resolve(query, requested)), requested)
 
 
 def _out_shape(query, key, value, enable_gqa) -> tuple[int, ...]:
@@ -193,10 +194,10 @@ def _reference_attention(q, k, v, attn_mask, is_causal: bool, scale: float | Non
 @operator(_OP)
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                   dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None, requested: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (..., L, Dv), logsumexp (..., L) float32 -- zeros on the torch path, whose backward
     recomputes)."""
-    if _path(query, key, value, attn_mask, enable_gqa) == "torch":
+    if _path(query, key, value, attn_mask, enable_gqa, requested) == "torch":
         out = _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed)
         out = out.contiguous()  # torch's CPU kernels may return another layout; the fake is contiguous
         return out, out.new_zeros(out.shape[:-1], dtype=torch.float32)
@@ -207,7 +208,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
 
 
 @fake(_attention_op)
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, requested):
     shape = _out_shape(query, key, value, enable_gqa)
     return query.new_empty(shape), query.new_empty(shape[:-1], dtype=torch.float32)
 
@@ -243,11 +244,11 @@ def _(grad, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
 
 
 def _attention_setup(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed = inputs
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, requested = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
     ctx.args = (dropout_p, is_causal, scale, enable_gqa)
-    ctx.backend_name = _path(query, key, value, attn_mask, enable_gqa)
+    ctx.backend_name = _path(query, key, value, attn_mask, enable_gqa, requested)
 
 
 def _attention_grad(ctx, grad, _lse):
@@ -262,13 +263,13 @@ def _attention_grad(ctx, grad, _lse):
                 lambda q, k, v, m: _reference_attention(_as_4d(q), _as_4d(k), _as_4d(v), m, is_causal, scale,
                                                         keep).view(*q.shape[:-1], v.shape[-1]),
                 (query, key, value, attn_mask), ctx.needs_input_grad[:4], grad)
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None)
         grads = recompute_grads(lambda q, k, v, m: _torch_attention(q, k, v, m, *ctx.args, seed),
                                 (query, key, value, attn_mask), (grad,), create_graph=True)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
     dq, dk, dv, dmask = torch.ops.fastdl.scaled_dot_product_attention_backward(
         grad, query, key, value, attn_mask, out, lse, *ctx.args, seed, mask_grad, ctx.backend_name)
-    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -307,7 +308,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                 seed)
     return torch.ops.fastdl.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, bool(is_causal), None if scale is None else float(scale),
-        bool(enable_gqa), seed)[0]
+        bool(enable_gqa), seed, backend.operator_requested())[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +360,8 @@ def _varlen_unsupported(q: torch.Tensor, v: torch.Tensor, name: str) -> str | No
     return None
 
 
-def _varlen_backend(q: torch.Tensor, v: torch.Tensor) -> str:
-    return backend.select(_VARLEN_OP, q, unsupported=_varlen_unsupported(q, v, backend.resolve(q)))
+def _varlen_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
+    return backend.select(_VARLEN_OP, q, _varlen_unsupported(q, v, backend.resolve(q, requested)), requested)
 
 
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed):
@@ -413,10 +414,10 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                          is_causal: bool, scale: float | None,
-                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None, requested: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(o (Tq, H, Dv), lse (H, Tq) float32) of attention within each packed sequence."""
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    if _varlen_backend(q, v) == "torch":
+    if _varlen_backend(q, v, requested) == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
     return backend.kernels("attention").varlen_attention_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
@@ -424,7 +425,8 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 
 
 @fake(_varlen_attention_op)
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
+      requested):
     return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
             q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32))
 
@@ -449,11 +451,11 @@ def _(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, seed = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, seed, requested = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
     ctx.args = (max_q, max_k, dropout_p, is_causal, scale, seed)
-    ctx.backend_name = _varlen_backend(q, v)
+    ctx.backend_name = _varlen_backend(q, v, requested)
 
 
 def _varlen_grad(ctx, grad, _lse):
@@ -464,10 +466,10 @@ def _varlen_grad(ctx, grad, _lse):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             o, _ = _varlen_torch(*leaves, cu_q, cu_k, dropout_p, is_causal, scale, seed)
             dq, dk, dv = torch.autograd.grad(o, leaves, grad)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
     dq, dk, dv = torch.ops.fastdl.varlen_attention_backward(grad.contiguous(), q, k, v, out, lse, cu_q, cu_k,
                                                             *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _varlen_attention_op.register_autograd(_varlen_grad, setup_context=_varlen_setup)
@@ -493,10 +495,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale)
     dropout_p = float(dropout_p)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    if eager_torch_path(_VARLEN_OP, q, lambda: _varlen_unsupported(q, v, backend.resolve(q))):
+    # Under forward-mode AD or torch.func.grad no operator can run (see transform_reason): the
+    # torch path's PyTorch ops, eagerly (a forced kernel backend raises).
+    if (not torch.compiler.is_compiling() and transform_reason() is not None
+            and eager_torch_path(_VARLEN_OP, q, lambda: _varlen_unsupported(q, v, backend.resolve(q)))):
         _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, bool(is_causal), scale, seed)[0]
     out, _ = torch.ops.fastdl.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                int(max_seqlen_k), dropout_p, bool(is_causal),
-                                               None if scale is None else float(scale), seed)
+                                               None if scale is None else float(scale), seed,
+                                               backend.operator_requested())
     return out

@@ -149,8 +149,8 @@ def _unsupported(hidden: torch.Tensor, name: str) -> str | None:
     return None
 
 
-def _backend(hidden: torch.Tensor) -> str:
-    return backend.select(_OP, hidden, unsupported=_unsupported(hidden, backend.resolve(hidden)))
+def _backend(hidden: torch.Tensor, requested: str) -> str:
+    return backend.select(_OP, hidden, _unsupported(hidden, backend.resolve(hidden, requested)), requested)
 
 
 @contextlib.contextmanager
@@ -186,11 +186,11 @@ def _mean_count(target: torch.Tensor, n: int, ignore_index: int, dtype: torch.dt
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
                              grad_hidden: bool, grad_weight: bool, grad_bias: bool,
-                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                              torch.Tensor]:
+                             out_dtype: torch.dtype, requested: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d hidden, d weight, d bias) for hidden (N, H); the gradients are those of the loss
     itself (incoming gradient 1), computed only for ``mean`` / ``sum`` and where asked, else empty."""
-    name = _backend(hidden)
+    name = _backend(hidden, requested)
     _check_target_values(target, ignore_index, weight.shape[0])
     grads = (grad_hidden, grad_weight, grad_bias)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -208,7 +208,7 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 @fake(_linear_cross_entropy_op)
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, grad_hidden, grad_weight,
-      grad_bias, out_dtype):
+      grad_bias, out_dtype, requested):
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=out_dtype)
     compute = reduction != "none"
     dh = hidden.new_empty(hidden.shape) if compute and grad_hidden else _empty(hidden)
@@ -221,25 +221,28 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, gr
 def _linear_cross_entropy_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                       bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
                                       label_smoothing: float, grad_hidden: bool, grad_weight: bool,
-                                      grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                      grad_bias: bool, backend_name: str
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for ``reduction="none"``: the chunks again, with ``grad`` (N,) as each row's
     incoming gradient. Empty tensors where a gradient is not asked for."""
     with _autocast_off():
         _, dh, dw, db = _fused_pass(hidden, weight, bias, target, ignore_index, label_smoothing, grad,
-                                    (grad_hidden, grad_weight, grad_bias), _chunk_function(_backend(hidden)))
+                                    (grad_hidden, grad_weight, grad_bias), _chunk_function(backend_name))
     return tuple(t if t is not None else _empty(hidden) for t in (dh, dw, db))
 
 
 @fake(_linear_cross_entropy_backward_op)
-def _(grad, hidden, weight, bias, target, ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias):
+def _(grad, hidden, weight, bias, target, ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias,
+      backend_name):
     return (hidden.new_empty(hidden.shape) if grad_hidden else _empty(hidden),
             weight.new_empty(weight.shape) if grad_weight else _empty(hidden),
             bias.new_empty(bias.shape) if grad_bias and bias is not None else _empty(hidden))
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, label_smoothing, reduction, gh, gw, gb, _ = inputs
+    hidden, weight, bias, target, ignore_index, label_smoothing, reduction, gh, gw, gb, _, requested = inputs
     ctx.mark_non_differentiable(*output[1:])
+    ctx.backend_name = _backend(hidden, requested)
     ctx.reduction = reduction
     ctx.flags = (gh, gw, gb and bias is not None)
     ctx.args = (ignore_index, label_smoothing)
@@ -257,11 +260,11 @@ def _grad(ctx, grad, *_grads):
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
         grads = torch.ops.fastdl.linear_cross_entropy_backward(grad, hidden, weight, bias, target, *ctx.args,
-                                                                *ctx.flags)
+                                                                *ctx.flags, ctx.backend_name)
     else:  # the forward computed the gradients for an incoming gradient of 1
         grads = tuple(g * grad.to(g.dtype) for g in ctx.saved_tensors)
     dh, dw, db = (g if wanted else None for g, wanted in zip(grads, ctx.flags))
-    return dh, dw, db, None, None, None, None, None, None, None, None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None
 
 
 _linear_cross_entropy_op.register_autograd(_grad, setup_context=_setup)
@@ -369,5 +372,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     loss, _, _, _ = torch.ops.fastdl.linear_cross_entropy(
         h, weight, bias, t, int(ignore_index), float(label_smoothing), reduction,
         grad and hidden.requires_grad, grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad, out_dtype)
+        grad and bias is not None and bias.requires_grad, out_dtype, backend.operator_requested())
     return loss.view(hidden.shape[:-1]) if reduction == "none" else loss

@@ -70,9 +70,9 @@ def _apply_mask(input: torch.Tensor, p: float, seed: torch.Tensor, backend_name:
 
 
 @operator("dropout")
-def _dropout_op(input: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _dropout_op(input: torch.Tensor, p: float, seed: torch.Tensor, requested: str) -> torch.Tensor:
     """Dropout with the mask of ``seed`` (a (1,) int64 tensor) on the backend of this call."""
-    return _apply_mask(input, p, seed, path("dropout", input))
+    return _apply_mask(input, p, seed, path("dropout", input, None, requested))
 
 
 @operator("dropout_backward")
@@ -81,7 +81,7 @@ def _dropout_backward_op(grad: torch.Tensor, p: float, seed: torch.Tensor, backe
     return _apply_mask(grad, p, seed, backend_name)
 
 
-def _dropout_fake(input, p, seed, *backend_name):
+def _dropout_fake(input, p, seed, backend_name):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
@@ -90,21 +90,20 @@ fake(_dropout_backward_op)(_dropout_fake)
 
 
 def _dropout_setup(ctx, inputs, output):
-    input, p, seed, *backend_name = inputs
+    input, p, seed, requested = inputs  # the backward's: a resolved backend, which resolves to itself
     ctx.save_for_backward(seed)
     ctx.p = p
-    ctx.backend_name = backend_name[0] if backend_name else path("dropout", input)
+    ctx.backend_name = path("dropout", input, None, requested)
 
 
 def _dropout_grad(ctx, grad):
     (seed,) = ctx.saved_tensors
     # Differentiable again (it is the same linear map): double backward for free.
-    return torch.ops.fastdl.dropout_backward(grad, ctx.p, seed, ctx.backend_name), None, None
+    return torch.ops.fastdl.dropout_backward(grad, ctx.p, seed, ctx.backend_name), None, None, None
 
 
 _dropout_op.register_autograd(_dropout_grad, setup_context=_dropout_setup)
-_dropout_backward_op.register_autograd(lambda ctx, grad: (*_dropout_grad(ctx, grad), None),
-                                       setup_context=_dropout_setup)
+_dropout_backward_op.register_autograd(_dropout_grad, setup_context=_dropout_setup)
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
@@ -125,7 +124,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
             return _torch_dropout(input, p, seed)
         if input.is_contiguous():  # the layout the operator draws in
             return _torch_dropout(input, p, seed, inplace=True)
-    out = torch.ops.fastdl.dropout(input, p, seed)
+    out = torch.ops.fastdl.dropout(input, p, seed, backend.operator_requested())
     return input.copy_(out) if inplace else out
 
 
@@ -169,11 +168,12 @@ def _torch_dropout_add_layer_norm(x, residual, weight, bias, p: float, eps: floa
 
 @operator("dropout_add_layer_norm")
 def _dropout_add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                               bias: torch.Tensor | None, p: float, eps: float, seed: torch.Tensor | None
+                               bias: torch.Tensor | None, p: float, eps: float, seed: torch.Tensor | None,
+                               requested: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, pre_norm_sum, mean (M,), rstd (M,)); the statistics are zeros on the torch path."""
     rows = (math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, n): n may be 0
-    if path("dropout_add_layer_norm", x) == "torch":
+    if path("dropout_add_layer_norm", x, None, requested) == "torch":
         out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed, "torch")
         zeros = x.new_zeros(rows[0], dtype=stats_dtype(pre.dtype))
         return out, pre.clone() if pre is x else pre, zeros, zeros.clone()
@@ -184,7 +184,7 @@ def _dropout_add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor | None, w
 
 
 @fake(_dropout_add_layer_norm_op)
-def _(x, residual, weight, bias, p, eps, seed):
+def _(x, residual, weight, bias, p, eps, seed, requested):
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     rows = math.prod(x.shape[:-1])
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
@@ -226,11 +226,11 @@ def _(dout, dpre, x, residual, pre, weight, bias, mean, rstd, p, eps, seed, x_dt
 
 
 def _dropout_add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, p, eps, seed = inputs
+    x, residual, weight, bias, p, eps, seed, requested = inputs
     out, pre, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-    ctx.backend_name = path("dropout_add_layer_norm", x)
+    ctx.backend_name = path("dropout_add_layer_norm", x, None, requested)
     # The kernel path's backward needs pre_norm_sum (an output the caller usually holds anyway);
     # the torch path's recomputes from x and residual.
     kept = (x, residual) if ctx.backend_name == "torch" else (None, None)
@@ -253,14 +253,14 @@ def _dropout_add_layer_norm_recorded_grad(ctx, dout, dpre, pre, weight, bias, se
             (True, need_w, need_b), dout)
         ds = dpre_out if ds is None else ds + dpre_out
     if ds is None:
-        return None, None, dw, db, None, None, None
+        return None, None, dw, db, None, None, None, None
     x_dtype, residual_dtype, _ = ctx.dtypes
     dx = None
     if need_x:
         dx = ds if p == 0.0 else torch.ops.fastdl.dropout_backward(ds, p, seed, ctx.backend_name)
         dx = dx.to(x_dtype)
     dres = ds.to(residual_dtype) if need_res else None
-    return dx, dres, dw, db, None, None, None
+    return dx, dres, dw, db, None, None, None, None
 
 
 def _dropout_add_layer_norm_grad(ctx, dout, dpre, *_stats):
@@ -273,7 +273,7 @@ def _dropout_add_layer_norm_grad(ctx, dout, dpre, *_stats):
             lambda x, residual, weight, bias: _torch_dropout_add_layer_norm(
                 x, residual, weight, bias, p, eps, seed, ctx.backend_name),
             (x, residual, weight, bias), (dout, dpre), create_graph=True)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
     out_unused = dout is None  # only pre_norm_sum fed the loss: weight and bias get no gradient
     dout = torch.zeros_like(pre) if dout is None else dout
     dpre = torch.zeros_like(pre) if dpre is None else dpre
@@ -281,7 +281,8 @@ def _dropout_add_layer_norm_grad(ctx, dout, dpre, *_stats):
         dout, dpre, x, residual, pre, weight, bias, mean, rstd, p, eps, seed, *ctx.dtypes, ctx.backend_name)
     has_res, has_w, has_b = ctx.present
     has_w, has_b = has_w and not out_unused, has_b and not out_unused
-    return (dx, dres if has_res else None, dw if has_w else None, db if has_b else None, None, None, None)
+    return (dx, dres if has_res else None, dw if has_w else None, db if has_b else None,
+            None, None, None, None)
 
 
 _dropout_add_layer_norm_op.register_autograd(_dropout_add_layer_norm_grad,
@@ -312,7 +313,8 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
         if pre is x:  # no residual, no dropout: a new tensor, as the operator returns
             pre = x.clone()
     else:
-        out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed)[:2]
+        out, pre = torch.ops.fastdl.dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed,
+                                                           backend.operator_requested())[:2]
     if x.is_cuda and autocast_dtype(x) is not None:
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out, pre

@@ -105,9 +105,9 @@ def _pad_or_none(padding_idx: int) -> int | None:
 
 @operator("embedding")
 def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, scale_grad_by_freq: bool,
-                  sparse: bool) -> torch.Tensor:
+                  sparse: bool, requested: str) -> torch.Tensor:
     """weight[input] -> input.shape + (D,); ``padding_idx`` -1 for none."""
-    if path("embedding", weight) == "torch":
+    if path("embedding", weight, None, requested) == "torch":
         # torch checks the range itself (IndexError on CPU, a device-side assert on CUDA); ours
         # runs only to name the bad index, so a valid call pays nothing for it.
         try:
@@ -122,7 +122,7 @@ def _embedding_op(input: torch.Tensor, weight: torch.Tensor, padding_idx: int, s
 
 
 @fake(_embedding_op)
-def _(input, weight, padding_idx, scale_grad_by_freq, sparse):
+def _(input, weight, padding_idx, scale_grad_by_freq, sparse, requested):
     return weight.new_empty((*input.shape, weight.shape[1]))
 
 
@@ -146,11 +146,11 @@ def _(grad, input, num_embeddings, padding_idx, scale_grad_by_freq, weight_dtype
 
 
 def _embedding_setup(ctx, inputs, output):
-    input, weight, padding_idx, scale_grad_by_freq, sparse = inputs
+    input, weight, padding_idx, scale_grad_by_freq, sparse, requested = inputs
     ctx.save_for_backward(input)
     ctx.args = (weight.shape[0], padding_idx, scale_grad_by_freq)
     ctx.sparse, ctx.weight_dtype = sparse, weight.dtype
-    ctx.backend_name = path("embedding", weight)
+    ctx.backend_name = path("embedding", weight, None, requested)
 
 
 def _embedding_grad(ctx, grad):
@@ -171,7 +171,7 @@ def _embedding_grad(ctx, grad):
     else:
         dweight = torch.ops.fastdl.embedding_backward(grad, input, *ctx.args, ctx.weight_dtype,
                                                       ctx.backend_name)
-    return None, dweight, None, None, None
+    return None, dweight, None, None, None, None
 
 
 _embedding_op.register_autograd(_embedding_grad, setup_context=_embedding_setup)
@@ -197,8 +197,8 @@ def _bert_unsupported(word: torch.Tensor) -> str | None:
     return None if dim <= _MAX_BERT_DIM else f"embedding dim {dim} > {_MAX_BERT_DIM}"
 
 
-def _bert_path(word: torch.Tensor) -> str:
-    return path("bert_embeddings", word, _bert_unsupported(word))
+def _bert_path(word: torch.Tensor, requested: str) -> str:
+    return path("bert_embeddings", word, _bert_unsupported(word), requested)
 
 
 def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight,
@@ -241,11 +241,11 @@ def _bert_embeddings_torch_path(input_ids, token_type_ids, position_ids, word, p
 def _bert_embeddings_op(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
                         word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor,
                         ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, p: float,
-                        seed: torch.Tensor | None, padding_idx: int
+                        seed: torch.Tensor | None, padding_idx: int, requested: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out input_ids.shape + (D,), mean (M,), rstd (M,)); the statistics are zeros on the torch
     path (its backward recomputes). The index tensors share input_ids' shape."""
-    if _bert_path(word) == "torch":
+    if _bert_path(word, requested) == "torch":
         out = _bert_embeddings_torch_path(input_ids, token_type_ids, position_ids, word, position, token_type,
                                           ln_weight, ln_bias, eps, p, seed, padding_idx)
         zeros = word.new_zeros(input_ids.numel(), dtype=stats_dtype(out.dtype))
@@ -265,7 +265,7 @@ def _bert_dtype(word, position, token_type) -> torch.dtype:
 
 @fake(_bert_embeddings_op)
 def _(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, eps, p, seed,
-      padding_idx):
+      padding_idx, requested):
     dtype = _bert_dtype(word, position, token_type)
     rows = input_ids.numel()
     return (word.new_empty((*input_ids.shape, word.shape[1]), dtype=dtype),
@@ -305,12 +305,12 @@ def _(grad, input_ids, token_type_ids, position_ids, word, position, token_type,
 
 
 def _bert_embeddings_setup(ctx, inputs, output):
-    *tensors, eps, p, seed, padding_idx = inputs
+    *tensors, eps, p, seed, padding_idx, requested = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*tensors, *output[1:], seed)
     ctx.args = (eps, p)
     ctx.padding_idx = padding_idx
-    ctx.backend_name = _bert_path(tensors[3])
+    ctx.backend_name = _bert_path(tensors[3], requested)
 
 
 def _bert_embeddings_grad(ctx, grad, *_stats):
@@ -319,14 +319,14 @@ def _bert_embeddings_grad(ctx, grad, *_stats):
     if torch.is_grad_enabled():  # double backward: differentiable PyTorch with the forward's mask
         grads = recompute_grads(lambda *t: _torch_bert_embeddings(*t, eps, p, seed, pad, ctx.backend_name),
                                 tensors, (grad,), create_graph=True)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
     needs = list(ctx.needs_input_grad[3:6])
     d_word, d_pos, d_type, d_lnw, d_lnb = torch.ops.fastdl.bert_embeddings_backward(
         grad, *tensors, mean, rstd, eps, p, seed, pad, needs, ctx.backend_name)
     word, position, token_type, ln_weight, ln_bias = tensors[3:]
     d_tables = [d if need else None for d, need in zip((d_word, d_pos, d_type), needs)]
     return (None, None, None, *d_tables, or_none(d_lnw, ln_weight), or_none(d_lnb, ln_bias),
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _bert_embeddings_op.register_autograd(_bert_embeddings_grad, setup_context=_bert_embeddings_setup)
@@ -360,7 +360,7 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
         with torch.no_grad():  # in place, and invisible to autograd, exactly as torch does it
             torch.ops.fastdl.embedding_renorm_(weight, input, float(max_norm), float(norm_type))
     return torch.ops.fastdl.embedding(input, weight, -1 if pad is None else pad, bool(scale_grad_by_freq),
-                                      bool(sparse))
+                                      bool(sparse), backend.operator_requested())
 
 
 def _bert_ids(input_ids, token_type_ids, position_ids):
@@ -440,7 +440,7 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     if eager_torch_path("bert_embeddings", word, lambda: _bert_unsupported(word)):
         out = _bert_embeddings_torch_path(*args)
     else:
-        out = torch.ops.fastdl.bert_embeddings(*args)[0]
+        out = torch.ops.fastdl.bert_embeddings(*args, backend.operator_requested())[0]
     if word.is_cuda and autocast_dtype(word) is not None:
         out = out.float()  # torch's LayerNorm runs in float32 under CUDA autocast
     return out

@@ -69,10 +69,10 @@ def _torch_rms_norm(input, weight, ndim: int, eps: float | None):
 
 @operator("layer_norm")
 def _layer_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   ndim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ndim: int, eps: float, requested: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm over the last ``ndim`` dims -> (out like input, mean (M,), rstd (M,))."""
     stats = stats_dtype(input.dtype)
-    if path("layer_norm", input) == "torch":
+    if path("layer_norm", input, None, requested) == "torch":
         out, mean, rstd = torch.native_layer_norm(input, input.shape[input.dim() - ndim:], weight, bias, eps)
         return out, mean.reshape(-1).to(stats), rstd.reshape(-1).to(stats)
     x = _as_rows(input, ndim)
@@ -81,7 +81,7 @@ def _layer_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 
 @fake(_layer_norm_op)
-def _(input, weight, bias, ndim, eps):
+def _(input, weight, bias, ndim, eps, requested):
     rows, stats = _rows(input, ndim), stats_dtype(input.dtype)
     return (input.new_empty(input.shape), input.new_empty(rows, dtype=stats),
             input.new_empty(rows, dtype=stats))
@@ -108,11 +108,11 @@ def _(grad, input, weight, bias, mean, rstd, ndim, eps, backend_name):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    input, weight, bias, ndim, eps = inputs
+    input, weight, bias, ndim, eps, requested = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(input, weight, bias, *output[1:])
     ctx.args = (ndim, eps)
-    ctx.backend_name = path("layer_norm", input)
+    ctx.backend_name = path("layer_norm", input, None, requested)
 
 
 def _layer_norm_grad(ctx, grad, *_stats):
@@ -124,7 +124,7 @@ def _layer_norm_grad(ctx, grad, *_stats):
         dx, dw, db = torch.ops.fastdl.layer_norm_backward(grad, input, weight, bias, mean, rstd, *ctx.args,
                                                           ctx.backend_name)
         dw, db = or_none(dw, weight), or_none(db, bias)
-    return dx, dw, db, None, None
+    return dx, dw, db, None, None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
@@ -132,10 +132,10 @@ _layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_set
 
 @operator("rms_norm")
 def _rms_norm_op(input: torch.Tensor, weight: torch.Tensor | None, ndim: int,
-                 eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float | None, requested: str) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last ``ndim`` dims -> (out like input, rstd (M,); zeros on the torch
     path, whose backward recomputes)."""
-    if path("rms_norm", input) == "torch":
+    if path("rms_norm", input, None, requested) == "torch":
         rstd = input.new_zeros(_rows(input, ndim), dtype=stats_dtype(input.dtype))
         return _torch_rms_norm(input, weight, ndim, eps), rstd
     if eps is None:  # what torch's implementation uses: the computation dtype's epsilon
@@ -146,7 +146,7 @@ def _rms_norm_op(input: torch.Tensor, weight: torch.Tensor | None, ndim: int,
 
 
 @fake(_rms_norm_op)
-def _(input, weight, ndim, eps):
+def _(input, weight, ndim, eps, requested):
     return input.new_empty(input.shape), input.new_empty(_rows(input, ndim), dtype=stats_dtype(input.dtype))
 
 
@@ -170,11 +170,11 @@ def _(grad, input, weight, rstd, ndim, eps, backend_name):
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    input, weight, ndim, eps = inputs
+    input, weight, ndim, eps, requested = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(input, weight, output[1])
     ctx.args = (ndim, eps)
-    ctx.backend_name = path("rms_norm", input)
+    ctx.backend_name = path("rms_norm", input, None, requested)
 
 
 def _rms_norm_grad(ctx, grad, _rstd):
@@ -184,7 +184,7 @@ def _rms_norm_grad(ctx, grad, _rstd):
     else:
         dx, dw = torch.ops.fastdl.rms_norm_backward(grad, input, weight, rstd, *ctx.args, ctx.backend_name)
         dw = or_none(dw, weight)
-    return dx, dw, None, None
+    return dx, dw, None, None, None
 
 
 _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
@@ -203,7 +203,8 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
         input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
     if eager_torch_path("layer_norm", input):
         return F.layer_norm(input, shape, weight, bias, eps)
-    return torch.ops.fastdl.layer_norm(input, weight, bias, len(shape), float(eps))[0]
+    return torch.ops.fastdl.layer_norm(input, weight, bias, len(shape), float(eps),
+                                       backend.operator_requested())[0]
 
 
 def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -214,7 +215,8 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     shape = _check_norm_args(input, normalized_shape, weight, None)
     if eager_torch_path("rms_norm", input):
         return F.rms_norm(input, shape, weight, eps)
-    return torch.ops.fastdl.rms_norm(input, weight, len(shape), None if eps is None else float(eps))[0]
+    return torch.ops.fastdl.rms_norm(input, weight, len(shape), None if eps is None else float(eps),
+                                     backend.operator_requested())[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +242,8 @@ def _batch_norm_unsupported(input: torch.Tensor) -> str | None:
     return None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
 
 
-def _batch_norm_path(input: torch.Tensor) -> str:
-    return path("batch_norm", input, _batch_norm_unsupported(input))
+def _batch_norm_path(input: torch.Tensor, requested: str) -> str:
+    return path("batch_norm", input, _batch_norm_unsupported(input), requested)
 
 
 def _torch_batch_norm_of(running_mean, running_var, training: bool, eps: float):
@@ -268,8 +270,8 @@ def _eval_batch_norm_of(mean: torch.Tensor, rstd: torch.Tensor):
 @operator("batch_norm")
 def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                   momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor]:
+                   momentum: float, eps: float, requested: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm of (N, C, *) -> (out, mean (C,), rstd (C,), new running mean, new running var).
 
     Functional (an operator with an autograd formula cannot mutate): the updated running buffers
@@ -279,7 +281,7 @@ def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
     update = training and running_mean is not None
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    if _batch_norm_path(input) == "torch":
+    if _batch_norm_path(input, requested) == "torch":
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         out = out.contiguous(memory_format=_batch_norm_format(input))
         mean = input.new_zeros(input.shape[1], dtype=stats_dtype(input.dtype))
@@ -293,7 +295,7 @@ def _batch_norm_op(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 
 @fake(_batch_norm_op)
-def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, requested):
     stats = stats_dtype(input.dtype)
     update = training and running_mean is not None
     return (torch.empty_like(input, memory_format=_batch_norm_format(input)),
@@ -327,9 +329,9 @@ def _(grad, input, weight, bias, running_mean, running_var, mean, rstd, training
 
 
 def _batch_norm_setup(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, training, momentum, eps = inputs
+    input, weight, bias, running_mean, running_var, training, momentum, eps, requested = inputs
     ctx.mark_non_differentiable(*output[1:])
-    ctx.backend_name = _batch_norm_path(input)
+    ctx.backend_name = _batch_norm_path(input, requested)
     # The torch path's backward reads the running buffers in evaluation; the kernels' reads the
     # forward's mean and rstd, which in evaluation are the buffers' values then. Not saving the
     # buffers lets the module train (updating them in place) before an evaluation output's backward
@@ -351,7 +353,7 @@ def _batch_norm_grad(ctx, grad, *_non_differentiable):
                                                           running_var, mean, rstd, *ctx.args,
                                                           ctx.backend_name)
         dw, db = or_none(dw, weight), or_none(db, bias)
-    return dx, dw, db, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None
 
 
 _batch_norm_op.register_autograd(_batch_norm_grad, setup_context=_batch_norm_setup)
@@ -417,7 +419,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if eager_torch_path("batch_norm", input, lambda: _batch_norm_unsupported(input)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     out, _, _, new_mean, new_var = torch.ops.fastdl.batch_norm(
-        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
+        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
+        backend.operator_requested())
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)

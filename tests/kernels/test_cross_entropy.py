@@ -182,7 +182,7 @@ def test_logits_are_never_saved(backend, device):
 def test_opcheck(backend, device):
     hidden, weight, bias, target = _inputs(19, 16, 40, torch.float32, device)
     for reduction in ("mean", "none"):
-        args = (hidden, weight, bias, target, -100, 0.1, reduction, True, True, True, torch.float32)
+        args = (hidden, weight, bias, target, -100, 0.1, reduction, True, True, True, torch.float32, backend)
         torch.library.opcheck(torch.ops.fastdl.linear_cross_entropy, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
