@@ -3,12 +3,15 @@
 Each public function is a thin Python front -- argument checks that read shapes and dtypes (never
 values), autocast casts, the dropout seed -- over a ``torch.library.custom_op``:
 
-* the operator's implementation picks the backend (:func:`fastdl.backend.select`) when it runs, so
-  ``torch.compile`` and ``torch.export`` see one opaque ``fastdl`` operator and never the choice
-  (no graph break, whatever backend runs); checks that read index *values* run there too;
+* the operator takes the *requested* backend as its last argument
+  (:func:`fastdl.backend.operator_requested`: ``use()``, else ``FASTDL_BACKEND``, else ``auto``; a
+  constant of a compiled graph, which guards on ``use()``), and its implementation and its autograd
+  formula both resolve it against the tensors (:func:`path`), so forward and backward run on one
+  backend, eager or compiled, and ``torch.compile`` / ``torch.export`` see one opaque ``fastdl``
+  operator whatever backend runs; checks that read index *values* run there too;
 * a fake implementation gives output shapes and dtypes (FakeTensors, meta tensors, export);
-* the autograd formula calls a backward operator, ``torch.ops.fastdl.<name>_backward``, on the
-  backend the forward ran on (recorded when the forward's autograd node is made).
+* the autograd formula calls a backward operator, ``torch.ops.fastdl.<name>_backward``, with the
+  backend the forward resolved (recorded when the forward's autograd node is made).
 
 The torch path's backward re-runs the forward in PyTorch under autograd (:func:`recompute_grads`)
 rather than storing its intermediates, and its randomness comes from torch's generator seeded

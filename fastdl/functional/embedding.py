@@ -48,8 +48,13 @@ from ._validate import all_cpu, check_bool, check_floating, check_same_device, e
 from .dropout import _check_p, _torch_dropout
 
 
-def _check_weight(name: str, weight: torch.Tensor) -> None:
-    check_floating(name, weight)
+# Tables PyTorch also looks rows up in, without gradient; fastdl hands them to torch's lookup.
+_PLAIN_TABLES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
+def _check_weight(name: str, weight: torch.Tensor, plain_ok: bool = False) -> None:
+    if not (plain_ok and isinstance(weight, torch.Tensor) and weight.dtype in _PLAIN_TABLES):
+        check_floating(name, weight)
     if weight.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (num_embeddings, embedding_dim) tensor, "
                          f"got shape {tuple(weight.shape)}")
@@ -338,19 +343,21 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     """Rows of ``weight`` at ``input``, as ``torch.nn.functional.embedding``.
 
     input: int64/int32 indices of any shape (0-d and empty included); weight: (V, D)
-    fp16/bf16/fp32/fp64. Returns ``input.shape + (D,)`` in weight's dtype. With ``max_norm`` the
-    rows looked up are renormalised in place in ``weight`` first, as torch does
+    fp16/bf16/fp32/fp64 (or an integer or bool table: PyTorch's plain lookup, no gradient).
+    Returns ``input.shape + (D,)`` in weight's dtype. With ``max_norm`` the rows looked up are
+    renormalised in place in ``weight`` first, as torch does
     (``torch.embedding_renorm_`` under no_grad). The dense weight gradient is bitwise reproducible
     (sort + segment sum, no atomics); ``sparse=True`` gives a sparse COO gradient built from the
     indices and output-gradient rows, as torch's (with ``scale_grad_by_freq`` its backward raises,
     as torch's does).
     """
-    _check_weight("weight", weight)
+    _check_weight("weight", weight, plain_ok=True)
     _check_index_dtype("input", input)
     if not all_cpu(weight, input):
         check_same_device("weight", {"weight": weight, "input": input})
     pad = _padding_index(padding_idx, weight.shape[0])
-    if eager_torch_path("embedding", weight):
+    # An integer or bool table is a plain lookup without gradient: PyTorch's, on every backend.
+    if not weight.is_floating_point() or eager_torch_path("embedding", weight):
         try:  # torch checks the range itself; ours runs only to name the bad index
             return F.embedding(input, weight, pad, max_norm, norm_type, scale_grad_by_freq, sparse)
         except IndexError:

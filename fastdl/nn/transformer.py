@@ -118,6 +118,13 @@ def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
     return x.shape[0] if x.dim() == 2 else x.shape[1 if batch_first else 0]
 
 
+def _overrides(layer: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
+    """Whether ``layer``'s class overrides any of torch's private blocks ``names`` of ``base``
+    (``_sa_block``...), which torch's forward calls and fastdl's fused forward would skip."""
+    cls = type(layer)
+    return any(getattr(cls, name) is not getattr(base, name) for name in names)
+
+
 class _FastdlSubmodules:
     """The layers' constructor: torch's signature (so ``inspect`` and ``skip_init`` see it), torch's
     construction, then fastdl's submodules in place of torch's."""
@@ -148,6 +155,21 @@ class TransformerEncoderLayer(_FastdlSubmodules, torch.nn.TransformerEncoderLaye
         if src.is_nested:  # only torch.nn.TransformerEncoder's inference path makes these
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x = src
+        if _overrides(self, torch.nn.TransformerEncoderLayer, ("_sa_block", "_ff_block")):
+            # torch's composition of its blocks, so a subclass's own block runs (nothing fused),
+            # with the masks as torch's forward hands them over (float, in the input's dtype).
+            src_key_padding_mask = torch.nn.functional._canonical_mask(
+                mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+                other_type=torch.nn.functional._none_or_dtype(src_mask), other_name="src_mask",
+                target_type=src.dtype)
+            src_mask = torch.nn.functional._canonical_mask(
+                mask=src_mask, mask_name="src_mask", other_type=None, other_name="", target_type=src.dtype,
+                check_other=False)
+            if self.norm_first:
+                x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+                return x + self._ff_block(self.norm2(x))
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            return self.norm2(x + self._ff_block(x))
         if self.norm_first:
             x_sa = self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
             h, x = _add_norm(x_sa, x, self.dropout1, self.norm2)
@@ -178,6 +200,17 @@ class TransformerDecoderLayer(_FastdlSubmodules, torch.nn.TransformerDecoderLaye
         """tgt (T, N, E), memory (S, N, E) ((N, T, E), (N, S, E) with ``batch_first``; (T, E), (S, E)
         unbatched); masks as ``torch.nn.MultiheadAttention``'s."""
         x = tgt
+        if _overrides(self, torch.nn.TransformerDecoderLayer, ("_sa_block", "_mha_block", "_ff_block")):
+            # torch's composition of its blocks, so a subclass's own block runs (nothing fused).
+            if self.norm_first:
+                x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+                x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
+                                        memory_is_causal)
+                return x + self._ff_block(self.norm3(x))
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                               memory_is_causal))
+            return self.norm3(x + self._ff_block(x))
         if self.norm_first:
             x_sa = self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             h, x = _add_norm(x_sa, x, self.dropout1, self.norm2)

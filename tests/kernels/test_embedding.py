@@ -186,7 +186,21 @@ def test_bad_arguments(backend, device):
     with pytest.raises(ValueError, match="weight"):
         F.embedding(idx, torch.randn(10, device=device))
     with pytest.raises(TypeError, match="weight"):
-        F.embedding(idx, torch.ones(10, 4, dtype=torch.int64, device=device))
+        F.embedding(idx, torch.ones(10, 4, dtype=torch.complex64, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_tables_are_looked_up_as_by_torch(backend, device, dtype):
+    """PyTorch looks rows up in integer and bool tables (no gradient): so does fastdl, padding row
+    and negative padding index included, and a bad index still raises naming it."""
+    w = torch.randint(0, 2 if dtype == torch.bool else 100, (10, 5), device=device).to(dtype)
+    idx = torch.randint(0, 10, (3, 4), device=device)
+    for pad in (None, 2, -1):
+        out = F.embedding(idx, w, padding_idx=pad)
+        assert out.dtype == dtype and torch.equal(out, torch.nn.functional.embedding(idx, w, padding_idx=pad))
+    if device == "cpu":
+        with pytest.raises(IndexError, match="input"):
+            F.embedding(torch.tensor([3, 10]), w)
 
 
 def test_torch_and_kernel_paths_agree_bitwise_forward(device):

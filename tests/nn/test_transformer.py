@@ -272,6 +272,53 @@ def test_submodule_hooks_and_overrides_run_as_in_torch(backend, device, norm_fir
     assert_close("output", out, ref.double()(x.double()), rtol=RTOL)
 
 
+def _with_own_blocks(base):
+    """A subclass of ``base`` (a torch or fastdl layer) overriding torch's private blocks, as user
+    code does: a scaled feed-forward block, and a self-attention block that records its masks."""
+    class Layer(base):
+        seen = []
+
+        def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+            Layer.seen.append((None if attn_mask is None else attn_mask.dtype,
+                               None if key_padding_mask is None else key_padding_mask.dtype))
+            return 0.5 * super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+
+        def _ff_block(self, x):
+            return torch.tanh(super()._ff_block(x))
+    return Layer
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_overridden_blocks_run_as_in_torch(backend, device, norm_first):
+    """torch's layers call their private ``_sa_block`` / ``_mha_block`` / ``_ff_block``; a subclass
+    overriding one gets torch's composition of the blocks (and torch's canonical masks), forward
+    and backward, instead of the fused forward that would skip it."""
+    ref = _randomize(_with_own_blocks(torch.nn.TransformerEncoderLayer)(D, 2, FF, 0.0, norm_first=norm_first,
+                                                                        device=device))
+    ours = _with_own_blocks(fastdl.nn.TransformerEncoderLayer)(D, 2, FF, 0.0, norm_first=norm_first,
+                                                               device=device)
+    ours.load_state_dict(ref.state_dict())
+    src = _seq(S, False, device)
+    check_module(ours, ref, lambda m, x, p: m(x, src_key_padding_mask=p), [src], [_kpm(S, device)])
+    type(ours).seen.clear(), type(ref).seen.clear()
+    ours(src, src_key_padding_mask=_kpm(S, device)), ref(src, src_key_padding_mask=_kpm(S, device))
+    assert type(ours).seen == type(ref).seen == [(None, torch.float32)]
+
+    def decoder(base):
+        class Decoder(base):
+            def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+                return -super()._mha_block(x, mem, attn_mask, key_padding_mask, is_causal)
+        return Decoder
+
+    ref = _randomize(decoder(torch.nn.TransformerDecoderLayer)(D, 2, FF, 0.0, norm_first=norm_first,
+                                                               device=device))
+    ours = decoder(fastdl.nn.TransformerDecoderLayer)(D, 2, FF, 0.0, norm_first=norm_first, device=device)
+    ours.load_state_dict(ref.state_dict())
+    tgt, memory = _seq(T, False, device), _seq(S, False, device)
+    check_module(ours, ref, lambda m, t, mem, c: m(t, mem, tgt_mask=c, tgt_is_causal=True), [tgt, memory],
+                 [_causal(T, device, torch.float32)])
+
+
 def test_custom_encoder_decoder(torch_path):
     encoder = fastdl.nn.TransformerEncoder(fastdl.nn.TransformerEncoderLayer(D, 2, FF, 0.0), 1)
     decoder = fastdl.nn.TransformerDecoder(fastdl.nn.TransformerDecoderLayer(D, 2, FF, 0.0), 2)
