@@ -70,6 +70,12 @@ def _case_sdpa():
             lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)))
 
 
+def _case_causal_sdpa():
+    q, k, v = torch.randn(2, 3, 6, D), torch.randn(2, 3, 6, D), torch.randn(2, 3, 6, D)
+    return ((q, k, v), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def _case_varlen():
     lengths = [3, 5]
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
@@ -215,3 +221,30 @@ def test_operators_refuse_forward_ad():
         torch.compile(lambda x, t: torch.func.jvp(lambda x: F.layer_norm(x, (D,), w, b), (x,), (t,)),
                       backend="aot_eager", fullgraph=True)(x, t)
     torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("case,batched", [("layer_norm", 1), ("rms_norm", 1), ("causal_sdpa", 3),
+                                          ("add_norm", 2)])
+def test_vmap_over_the_data(case, batched, backend):
+    """vmap alone keeps the backend (PyTorch loops over the batch for a custom operator); the
+    first ``batched`` inputs are mapped over, the parameters are shared."""
+    inputs, ours, ref = CASES[case]()
+    dims = (0,) * batched + (None,) * (len(inputs) - batched)
+    out = torch.func.vmap(ours, in_dims=dims)(*inputs)
+    expected = torch.func.vmap(ref, in_dims=dims)(*(t.double() for t in inputs))
+    assert_close(f"{case} under vmap", out, expected.float(), rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_vmap_dropout_randomness(backend, randomness):
+    """vmap's randomness flag as for torch's dropout: one mask for every sample, or one each."""
+    x, p = torch.rand(6, 256) + 0.5, 0.3
+    y = torch.func.vmap(lambda r: F.dropout(r, p), randomness=randomness)(x)
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.8
+    torch.testing.assert_close(y, torch.where(kept, x / (1 - p), 0.0))
+    assert bool((kept == kept[0]).all()) == (randomness == "same")
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda r: F.dropout(r, p))(x)

@@ -166,7 +166,10 @@ def seeded(seed: torch.Tensor | None):
     """Run the enclosed PyTorch code with torch's generator for ``seed``'s device seeded from
     ``seed`` (a 1-element integer tensor), restoring the generator afterwards: the torch path's
     randomness is then a function of the seed, as the kernels' is. Reads the seed on the host."""
-    if seed is None or seed.is_meta:  # meta tensors: no values, nothing to seed
+    if seed is None or seed.is_meta or _functorch.is_batchedtensor(seed):
+        # Meta tensors: no values, nothing to seed. A seed batched by vmap(randomness="different"):
+        # one per sample, which torch's generator cannot take; vmap draws each sample's randomness
+        # itself, as for torch's op (an eager path: PyTorch's autograd records the mask).
         yield
         return
     if seed.is_cuda:
