@@ -120,6 +120,18 @@ def _torch_refuses(ref, inputs, tangents) -> type | None:
     return None
 
 
+def _build(case: str, device: str):
+    """The case's inputs, closed-over tensors included, made on ``device``."""
+    with torch.device(device):
+        return CASES[case]()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def place(request):
+    """Where the tensors live: under ``auto`` CUDA tensors would run the compiled kernels."""
+    return request.param
+
+
 @pytest.fixture(params=["auto", "torch"])
 def chosen(request):
     with fastdl.backend.use(request.param):
@@ -127,8 +139,8 @@ def chosen(request):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_jvp_carries_tangents(case, chosen):
-    inputs, ours, ref = CASES[case]()
+def test_jvp_carries_tangents(case, chosen, place):
+    inputs, ours, ref = _build(case, place)
     tangents = tuple(torch.randn_like(t) for t in inputs)
     refused = _torch_refuses(ref, inputs, tangents)
     if refused is not None:  # fastdl raises as PyTorch does, never silent zeros
@@ -143,8 +155,8 @@ def test_jvp_carries_tangents(case, chosen):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_ad_dual_tensors(case, chosen):
-    inputs, ours, ref = CASES[case]()
+def test_forward_ad_dual_tensors(case, chosen, place):
+    inputs, ours, ref = _build(case, place)
     tangents = tuple(torch.randn_like(t) for t in inputs)
     refused = _torch_refuses(ref, inputs, tangents)
     with fwAD.dual_level(), (pytest.raises(refused) if refused else contextlib.nullcontext()):
@@ -158,8 +170,8 @@ def test_forward_ad_dual_tensors(case, chosen):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_func_grad_and_jacfwd(case, chosen):
-    inputs, ours, ref = CASES[case]()
+def test_func_grad_and_jacfwd(case, chosen, place):
+    inputs, ours, ref = _build(case, place)
     out = ours(*inputs)
     cotangent = torch.randn_like(out)
     argnums = tuple(range(len(inputs)))
@@ -188,8 +200,8 @@ def test_func_grad_and_jacfwd(case, chosen):
     assert_close(f"{case} hvp", hvp(ours, inputs[0].dtype), hvp(ref, torch.float64).float(), rtol=1e-4)
 
 
-def test_dropout_tangent_follows_the_mask(chosen):
-    x, t, p = torch.randn(64, 64), torch.randn(64, 64), 0.3
+def test_dropout_tangent_follows_the_mask(chosen, place):
+    x, t, p = torch.randn(64, 64, device=place), torch.randn(64, 64, device=place), 0.3
     out, tangent = torch.func.jvp(lambda x: F.dropout(x, p), (x,), (t,))
     kept = out != 0
     assert 0.6 < kept.float().mean() < 0.8
@@ -226,10 +238,10 @@ def test_operators_refuse_forward_ad():
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("case,batched", [("layer_norm", 1), ("rms_norm", 1), ("causal_sdpa", 3),
                                           ("add_norm", 2)])
-def test_vmap_over_the_data(case, batched, backend):
+def test_vmap_over_the_data(case, batched, backend, device):
     """vmap alone keeps the backend (PyTorch loops over the batch for a custom operator); the
     first ``batched`` inputs are mapped over, the parameters are shared."""
-    inputs, ours, ref = CASES[case]()
+    inputs, ours, ref = _build(case, device)
     dims = (0,) * batched + (None,) * (len(inputs) - batched)
     out = torch.func.vmap(ours, in_dims=dims)(*inputs)
     expected = torch.func.vmap(ref, in_dims=dims)(*(t.double() for t in inputs))
@@ -238,9 +250,9 @@ def test_vmap_over_the_data(case, batched, backend):
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("randomness", ["same", "different"])
-def test_vmap_dropout_randomness(backend, randomness):
+def test_vmap_dropout_randomness(backend, device, randomness):
     """vmap's randomness flag as for torch's dropout: one mask for every sample, or one each."""
-    x, p = torch.rand(6, 256) + 0.5, 0.3
+    x, p = torch.rand(6, 256, device=device) + 0.5, 0.3
     y = torch.func.vmap(lambda r: F.dropout(r, p), randomness=randomness)(x)
     kept = y != 0
     assert 0.6 < kept.float().mean() < 0.8
