@@ -1033,6 +1033,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """
     qp, kp, vp = (_packed_view(t) for t in (q, k, v))
     _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
+    # The kernels read offset i at CU + i: strided offsets are copied.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     scale = D ** -0.5 if scale is None else float(scale)
     o = torch.zeros((L, H, DV), dtype=q.dtype, device=q.device)
     lse = torch.full((1, H, L), float("-inf"), dtype=torch.float32, device=q.device)
@@ -1051,6 +1053,8 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     every sequence get 0). do, o (Tq, H, Dv); lse (H, Tq) from the forward."""
     qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))
     _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
+    # The kernels read offset i at CU + i: strided offsets are copied.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     scale = D ** -0.5 if scale is None else float(scale)
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if L and S and max_seqlen_q > 0 and max_seqlen_k > 0 and cu_seqlens_q.numel() > 1:

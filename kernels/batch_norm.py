@@ -308,6 +308,9 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
     x3 = _as_3d(x)
     S = x3.shape[2]
     R = N * S
+    # The kernels index the (C,) parameters by channel: a strided or expanded one is copied.
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     y = _empty_like_input(x)
     y3 = y.view(N, C, S)
     stats = _stats_dtype(x)
@@ -367,6 +370,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training: bool, need_param_grads: 
     N, C = x.shape[0], x.shape[1]
     x3, dy3 = _as_3d(x), _as_3d(dy)
     S = x3.shape[2]
+    weight = None if weight is None else weight.contiguous()  # indexed by channel, as in the forward
     R = N * S
     dx = _empty_like_input(x)
     dx3 = dx.view(N, C, S)

@@ -125,8 +125,8 @@ def cross_entropy_chunk(logits: torch.Tensor, target: torch.Tensor, ignore_index
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_chunk needs logits with a contiguous last dim")
     soft = target.dim() == 2
-    if soft and target.stride(1) != 1:
-        target = target.contiguous()
+    if (soft and target.stride(1) != 1) or (not soft and target.stride(0) != 1):
+        target = target.contiguous()  # the kernel reads class indices at TARGET + row
     if grad_scale is None:
         scale_arg, sg = loss, 0
     else:

@@ -26,6 +26,7 @@ fake implementation, so ``torch.compile`` sees one opaque node.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -358,8 +359,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         hidden, weight = hidden.to(low), weight.to(low)
         bias = None if bias is None else bias.to(low)
         out_dtype = torch.float32
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1, weight.shape[0]) if soft else target.reshape(-1)
+    h = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # not (-1, H): H may be 0
+    t = target.reshape(h.shape[0], weight.shape[0]) if soft else target.reshape(h.shape[0])
     reason = None if torch.compiler.is_compiling() else transform_reason()
     if reason is not None:  # no operator can run: PyTorch's unfused ops (a forced kernel backend raises)
         backend.select(_OP, hidden, reason)

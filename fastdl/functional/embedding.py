@@ -427,12 +427,15 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
                                    "token_type_ids": token_type_ids, "position_ids": position_ids})
     dim = word.shape[1]
     if (position.shape[1] != dim or token_type.shape[1] != dim  # fast path: one test per table
-            or (ln_weight is not None and ln_weight.shape[-1] != dim)
-            or (ln_bias is not None and ln_bias.shape[-1] != dim)):
-        for name, t in (("position", position), ("token_type", token_type), ("ln_weight", ln_weight),
-                        ("ln_bias", ln_bias)):
-            if t is not None and t.shape[-1] != dim:
+            or (ln_weight is not None and ln_weight.shape != (dim,))
+            or (ln_bias is not None and ln_bias.shape != (dim,))):
+        for name, t in (("position", position), ("token_type", token_type)):
+            if t.shape[1] != dim:
                 raise ValueError(f"{name} must have {dim} columns (word's embedding dim), got shape "
+                                 f"{tuple(t.shape)}")
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if t is not None and t.shape != (dim,):
+                raise ValueError(f"{name} must have shape ({dim},) (word's embedding dim), got shape "
                                  f"{tuple(t.shape)}")
     _check_index_dtype("input_ids", input_ids)
     token_type_ids, position_ids = _bert_ids(input_ids, token_type_ids, position_ids)

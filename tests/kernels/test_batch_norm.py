@@ -291,3 +291,20 @@ def test_forced_triton_on_cpu_tensor_raises():
     with fastdl.backend.use("triton"):
         with pytest.raises(fastdl.backend.BackendError, match="triton"):
             F.batch_norm(torch.randn(2, 8), None, None, training=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_and_expanded_parameters(backend, device, training):
+    """weight and bias read through views (a step slice, an expanded scalar), as torch."""
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    w_base = torch.randn(6, device=device, requires_grad=True)
+    b = torch.randn(6, device=device)[::2]
+    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    for w in (w_base[::2], w_base[:1].expand(3)):
+        y = F.batch_norm(x, mean.clone(), var.clone(), w, b, training)
+        ref = TF.batch_norm(x.double(), mean.double(), var.double(), w.double(), b.double(), training)
+        g = torch.randn_like(y)
+        assert_close("output", y, ref)
+        for name, got, want in zip(("x", "weight"), torch.autograd.grad(y, (x, w_base), g),
+                                   torch.autograd.grad(ref, (x, w_base), g.double())):
+            assert_close(f"grad {name}", got, want)

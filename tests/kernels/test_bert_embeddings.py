@@ -223,6 +223,11 @@ def test_bad_arguments(backend, device):
         F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, ln_b, EPS, 1.5, True)
     with pytest.raises(TypeError, match="training must be a bool"):
         F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, ln_b, EPS, 0.1, None)
+    for bad in (ln_w.detach().expand(2, 8), ln_w.detach()[:4]):  # as torch's layer_norm: (D,) only
+        with pytest.raises(ValueError, match=r"ln_weight must have shape \(8,\)"):
+            F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, bad, ln_b, EPS, 0.0, True)
+        with pytest.raises(ValueError, match=r"ln_bias must have shape \(8,\)"):
+            F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, bad, EPS, 0.0, True)
 
 
 @pytest.mark.parametrize("name", ["interpret", "triton"])

@@ -229,3 +229,20 @@ def test_errors(backend, device, call, error, match):
     t = torch.randint(0, 30, (4,), device=device)
     with pytest.raises(error, match=match):
         call(h, w, t)
+
+
+def test_strided_targets_and_zero_width_hidden(backend, device):
+    """Class indices read through a view (``labels[..., 0]``) and a hidden size of 0, as torch."""
+    h = torch.randn(2, 3, 8, device=device, dtype=torch.float64 if backend == "torch" else torch.float32)
+    h.requires_grad_()
+    w = torch.randn(10, 8, device=device, dtype=h.dtype, requires_grad=True)
+    t = torch.randint(0, 10, (2, 3, 2), device=device)[..., 0]  # stride 2
+    assert not t.is_contiguous()
+    loss = F.linear_cross_entropy(h, w, t, label_smoothing=0.1)
+    ref = TF.cross_entropy(h.double().reshape(6, 8) @ w.double().T, t.reshape(6), label_smoothing=0.1)
+    assert_close("loss", loss, ref)
+    for name, g, r in zip(("hidden", "weight"), torch.autograd.grad(loss, (h, w)),
+                          torch.autograd.grad(ref, (h, w))):
+        assert_close(f"grad {name}", g, r.to(g.dtype))
+    empty = F.linear_cross_entropy(torch.randn(3, 0, device=device), torch.randn(10, 0, device=device), t[0])
+    assert_close("H = 0", empty, TF.cross_entropy(torch.zeros(3, 10, device=device), t[0]))

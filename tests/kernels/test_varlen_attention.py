@@ -168,3 +168,12 @@ def test_head_dim_zero_is_refused(backend, device):
     cu = torch.tensor([0, 5], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="head dim of at least 1"):
         F.varlen_attention(q, q, q, cu, cu, 5, 5)
+
+
+def test_strided_offsets(backend, device):
+    """Offsets read through a view (every other entry of a longer tensor), as contiguous ones."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([9, 3, 7], [5, 11, 2], 2, 2, 16, torch.float32, device)
+    spread_q, spread_k = (torch.stack([c, torch.full_like(c, 99)], 1).reshape(-1)[::2] for c in (cu_q, cu_k))
+    assert not spread_q.is_contiguous() and torch.equal(spread_q, cu_q)
+    check_op(lambda q, k, v: F.varlen_attention(q, k, v, spread_q, spread_k, max_q, max_k, is_causal=True),
+             lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, True), [q, k, v], rtol=2e-4, grad_rtol=2e-4)
