@@ -4,9 +4,10 @@ was done.
 Three things happen:
 
 1. Every submodule whose type is exactly one of ``torch.nn.LayerNorm``, ``RMSNorm``,
-   ``BatchNorm1d``, ``BatchNorm2d``, ``Dropout``, ``Embedding``, ``MultiheadAttention`` is replaced
-   by the fastdl module of the same name, built with the same constructor arguments and holding
-   *the same* parameter and buffer objects (not copies): tied weights stay tied, an optimizer made
+   ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``Dropout``, ``Embedding``,
+   ``MultiheadAttention`` is replaced by the fastdl module of the same name, built with the same
+   constructor arguments and holding *the same* parameter and buffer objects (not copies): tied
+   weights stay tied, an optimizer made
    before patching keeps updating the live weights, and device, dtype, training flag and hooks
    carry over. Subclasses of those torch types (which may change ``forward``) and modules that
    already are fastdl's are left alone.
@@ -60,6 +61,9 @@ _SWAPS = {
         num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
         track_running_stats=m.track_running_stats)),
     torch.nn.BatchNorm2d: ("BatchNorm2d", lambda m: dict(
+        num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+        track_running_stats=m.track_running_stats)),
+    torch.nn.BatchNorm3d: ("BatchNorm3d", lambda m: dict(
         num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
         track_running_stats=m.track_running_stats)),
     torch.nn.Dropout: ("Dropout", lambda m: dict(p=m.p, inplace=m.inplace)),

@@ -12,7 +12,8 @@ import fastdl
 from fastdl.patch import hf_attention
 
 SWAPPED = {torch.nn.LayerNorm: "LayerNorm", torch.nn.RMSNorm: "RMSNorm", torch.nn.BatchNorm1d: "BatchNorm1d",
-           torch.nn.BatchNorm2d: "BatchNorm2d", torch.nn.Dropout: "Dropout", torch.nn.Embedding: "Embedding",
+           torch.nn.BatchNorm2d: "BatchNorm2d", torch.nn.BatchNorm3d: "BatchNorm3d",
+           torch.nn.Dropout: "Dropout", torch.nn.Embedding: "Embedding",
            torch.nn.MultiheadAttention: "MultiheadAttention"}
 RTOL = 1e-4
 
@@ -70,6 +71,7 @@ class TokenNet(torch.nn.Module):
         self.rms = torch.nn.RMSNorm(16, eps=1e-6)
         self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
         self.bn2 = torch.nn.BatchNorm2d(3)
+        self.bn3 = torch.nn.BatchNorm3d(3)
         self.bn1 = torch.nn.BatchNorm1d(16, momentum=0.3)
         self.dropout = torch.nn.Dropout(0.25)
         self.head = torch.nn.Sequential(torch.nn.Linear(16, 5), self.dropout)  # one Dropout, two places
@@ -78,7 +80,8 @@ class TokenNet(torch.nn.Module):
         x = self.embedding(tokens)
         a, _ = self.attention(x, x, x, key_padding_mask=tokens == 0, need_weights=False)
         x = self.rms(self.norm(x + self.dropout(a)))
-        x = self.bn2(self.conv(x.unsqueeze(1))).mean(1)             # (B, S, 16)
+        x = self.conv(x.unsqueeze(1))                                # (B, 3, S, 16)
+        x = (self.bn2(x) + self.bn3(x.unsqueeze(2)).squeeze(2)).mean(1)  # (B, S, 16)
         x = self.bn1(x.transpose(1, 2)).transpose(1, 2)
         return self.head(x).mean(1)
 
@@ -96,7 +99,7 @@ def test_torch_model_eval(backend, device):
     before = torch_modules(model)
     assert fastdl.patch(model) is model
     assert not torch_modules(model)
-    assert len(fastdl_modules(model)) == len(before) == 7
+    assert len(fastdl_modules(model)) == len(before) == 8
     assert model.head[1] is model.dropout
     compare(model, reference, run_token_net, device)
 
@@ -109,7 +112,7 @@ def test_torch_model_training_updates_batch_norm_statistics(backend, device):
     fastdl.patch(model)
     assert model.training and all(m.training for m in model.modules())
     compare(model, reference, run_token_net, device)
-    for name in ("bn1", "bn2"):
+    for name in ("bn1", "bn2", "bn3"):
         ours, ref = getattr(model, name), getattr(reference, name)
         assert_close(f"{name}.running_mean", ours.running_mean.cpu(), ref.running_mean, rtol=1e-5)
         assert_close(f"{name}.running_var", ours.running_var.cpu(), ref.running_var, rtol=1e-5)

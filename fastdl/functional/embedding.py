@@ -166,8 +166,8 @@ def _embedding_grad(ctx, grad):
             raise RuntimeError("embedding: scale_grad_by_freq is not supported with sparse gradients "
                                "(as in PyTorch)")
         idx, values = input.reshape(-1), grad.reshape(input.numel(), grad.shape[-1]).to(ctx.weight_dtype)
-        if padding_idx >= 0:  # zeroed rather than removed: no data-sized result
-            values = values * (idx != padding_idx).unsqueeze(1).to(values.dtype)
+        if padding_idx >= 0:  # zeroed (not times 0: inf * 0 is NaN) rather than removed: no data-sized result
+            values = torch.where((idx != padding_idx).unsqueeze(1), values, 0)
         dweight = torch.sparse_coo_tensor(idx.to(torch.int64).unsqueeze(0), values, (num, values.shape[1]),
                                           check_invariants=False)  # indices were range-checked
     elif torch.is_grad_enabled():  # double backward: the same linear map in differentiable torch

@@ -4,7 +4,7 @@ from .attention import MultiheadAttention
 from .dropout import Dropout
 from .embedding import Embedding
 from .loss import LinearCrossEntropyLoss
-from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
+from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, RMSNorm
 from .transformer import (
     Transformer,
     TransformerDecoder,
@@ -18,6 +18,7 @@ __all__ = [
     "RMSNorm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
     "Dropout",
     "Embedding",
     "MultiheadAttention",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as FD
+from ..functional._library import autocast_dtype
 
 
 def _check_mask_dtype(name: str, mask: torch.Tensor | None) -> None:
@@ -226,8 +227,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
             extra += 1
 
+        # Under autocast torch's weights path adds the float masks in baddbmm, which autocast runs in
+        # its dtype: merged as given, then cast, as here.
+        cast_mask = need_weights and autocast_dtype(q) is not None
         mask = sdpa_mask(attn_mask, key_padding_mask, batch=batch, num_heads=heads, tgt_len=tgt_len,
-                           src_len=src_len, extra_keys=extra, dtype=q.dtype, fused=not need_weights)
+                         src_len=src_len, extra_keys=extra, dtype=q.dtype,
+                         fused=not need_weights or cast_mask)
+        if cast_mask and mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:

@@ -53,3 +53,8 @@ class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
 class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` over (N, C, H, W) input (contiguous or channels_last), computed by
     fastdl's kernels."""
+
+
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` over (N, C, D, H, W) input (contiguous or channels_last_3d),
+    computed by fastdl's kernels."""

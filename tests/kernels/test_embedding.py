@@ -144,6 +144,18 @@ def test_sparse_gradient(backend, device, padding_idx):
     assert_close("sparse grad", w.grad.to_dense(), ref_w.grad)
 
 
+def test_sparse_padding_row_stays_zero_with_inf_gradients(backend, device):
+    """The padding row's sparse gradient is 0 even where the incoming gradient is inf (as torch's,
+    which drops those rows), never inf * 0 = NaN."""
+    w = _weight(4, 2, torch.float32, device)
+    out = F.embedding(torch.tensor([0, 2, 1], device=device), w, padding_idx=2, sparse=True)
+    grad = torch.ones(3, 2, device=device)
+    grad[1, 0] = float("inf")
+    out.backward(grad)
+    dense = w.grad.to_dense()
+    assert torch.equal(dense[2], torch.zeros(2, device=device)) and torch.isfinite(dense).all()
+
+
 def test_sparse_with_scale_grad_by_freq_fails_in_backward_as_torch(backend, device):
     w = _weight(10, 7, torch.float32, device)
     out = F.embedding(torch.tensor([1, 1, 2], device=device), w, scale_grad_by_freq=True, sparse=True)

@@ -1,4 +1,4 @@
-"""fastdl.nn.BatchNorm1d / BatchNorm2d as drop-ins for torch.nn: several training steps then
+"""fastdl.nn.BatchNorm1d / BatchNorm2d / BatchNorm3d as drop-ins for torch.nn: several training steps then
 evaluation, comparing outputs, gradients of input/weight/bias and the buffers after every step."""
 
 import copy
@@ -12,7 +12,8 @@ import fastdl
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (module, input shape, channels_last)
 CASES = [("BatchNorm1d", (6, 3), False), ("BatchNorm1d", (4, 7, 9), False),
-         ("BatchNorm2d", (2, 3, 5, 7), False), ("BatchNorm2d", (3, 7, 5, 7), True)]
+         ("BatchNorm2d", (2, 3, 5, 7), False), ("BatchNorm2d", (3, 7, 5, 7), True),
+         ("BatchNorm3d", (2, 3, 4, 5, 3), False), ("BatchNorm3d", (2, 5, 3, 4, 3), True)]
 
 
 def _pair(cls_name, num_features, *, dtype, device, **kwargs):
@@ -77,7 +78,8 @@ def _compare_steps(ours, ref, make_input, steps=3):
 @pytest.mark.parametrize("cls_name,shape,channels_last", CASES)
 def test_training_then_eval(backend, device, dtype, cls_name, shape, channels_last):
     ours, ref = _pair(cls_name, shape[1], dtype=dtype, device=device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = ((torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last
+           else torch.contiguous_format)
 
     def make_input():
         x = torch.randn(shape, device=device) * 3 + torch.randn(shape[1:2] + (1,) * (len(shape) - 2))
@@ -88,7 +90,8 @@ def test_training_then_eval(backend, device, dtype, cls_name, shape, channels_la
 
 @pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False), dict(bias=False),
                                     dict(track_running_stats=False), dict(eps=1e-3, momentum=0.5)])
-@pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (5, 7, 6)), ("BatchNorm2d", (3, 7, 5, 5))])
+@pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (5, 7, 6)), ("BatchNorm2d", (3, 7, 5, 5)),
+                                            ("BatchNorm3d", (2, 3, 3, 4, 2))])
 def test_options(backend, device, kwargs, cls_name, shape):
     ours, ref = _pair(cls_name, shape[1], dtype=torch.float32, device=device, **kwargs)
     assert ours.state_dict().keys() == ref.state_dict().keys()
@@ -123,7 +126,7 @@ def test_channels_last_in_a_conv_net_trains_like_torch(backend, device):
     assert_close("eval output", ours(x), ref(x).double(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls_name", ["BatchNorm1d", "BatchNorm2d"])
+@pytest.mark.parametrize("cls_name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
 def test_state_dict_round_trip_and_repr(cls_name):
     ours, ref = _pair(cls_name, 7, dtype=torch.float32, device="cpu", momentum=0.3)
     assert isinstance(ours, getattr(torch.nn, cls_name))

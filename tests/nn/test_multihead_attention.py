@@ -201,6 +201,28 @@ def test_float_mask_dtypes_as_torch(backend, device):
         ref(x16, x16, x16, attn_mask=torch.zeros(L, L, device=device))
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_float32_masks_under_autocast_as_torch(backend, device, need_weights):
+    """Under autocast the projections run in bfloat16 and torch's weights path adds the float32
+    masks in an autocast baddbmm (cast): the same outputs and weights, up to bfloat16 rounding."""
+    if backend == "interpret" and not need_weights:
+        pytest.skip("the fused path's bf16 attention: Triton's interpreter cannot compute bf16 dot products")
+    ours, ref = _pair(device, batch_first=True)
+    x = torch.randn(N, L, E, device=device)
+    attn_mask, padding = torch.randn(L, L, device=device), torch.randn(N, L, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, weights = ours(x, x, x, attn_mask=attn_mask, key_padding_mask=padding, need_weights=need_weights)
+        ref_out, ref_weights = ref(x, x, x, attn_mask=attn_mask, key_padding_mask=padding,
+                                   need_weights=need_weights)
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    expected, _ = ref.double()(*(x.double(),) * 3, attn_mask=attn_mask.double(),
+                               key_padding_mask=padding.double())
+    assert_close("output", out, expected.to(out.dtype), baseline=ref_out, factor=3.0)
+    if need_weights:
+        assert weights.dtype == ref_weights.dtype
+        torch.testing.assert_close(weights.float(), ref_weights.float(), atol=2e-2, rtol=0)
+
+
 def test_non_contiguous_inputs(backend, device):
     ours, ref = _pair(device, batch_first=True)
     q = torch.randn(L, N, E, device=device).transpose(0, 1)  # (N, L, E) view
