@@ -460,8 +460,17 @@ def _varlen_setup(ctx, inputs, output):
 
 def _varlen_grad(ctx, grad, _lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    _, _, dropout_p, is_causal, scale, seed = ctx.args
+    if torch.is_grad_enabled():  # double backward: the PyTorch forward differentiated, differentiably
+        if ctx.backend_name != "torch" and dropout_p > 0:
+            raise NotImplementedError(
+                "varlen_attention with dropout on the kernels is not differentiable twice (its mask is "
+                "the kernel's); use dropout_p=0 or the torch backend for create_graph=True")
+        grads = differentiable_grads(
+            lambda q, k, v: _varlen_torch(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, seed)[0],
+            (q, k, v), ctx.needs_input_grad[:3], grad)
+        return (*grads, None, None, None, None, None, None, None, None, None)
     if ctx.backend_name == "torch":  # differentiate the PyTorch forward again (same seed, same masks)
-        _, _, dropout_p, is_causal, scale, seed = ctx.args
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             o, _ = _varlen_torch(*leaves, cu_q, cu_k, dropout_p, is_causal, scale, seed)

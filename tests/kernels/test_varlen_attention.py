@@ -177,3 +177,25 @@ def test_strided_offsets(backend, device):
     assert not spread_q.is_contiguous() and torch.equal(spread_q, cu_q)
     check_op(lambda q, k, v: F.varlen_attention(q, k, v, spread_q, spread_k, max_q, max_k, is_causal=True),
              lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, True), [q, k, v], rtol=2e-4, grad_rtol=2e-4)
+
+
+def test_double_backward(backend, device):
+    """A gradient penalty through varlen attention (create_graph=True): second derivatives as
+    per-sequence SDPA's in float64, never a constant first gradient."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([3, 5], None, 2, 2, 16, torch.float32, device)
+
+    def penalized(attention, q, k, v):
+        out = attention(q, k, v)
+        dq, = torch.autograd.grad(out.sin().sum(), q, create_graph=True)
+        return out.sum() + (dq ** 2).sum()
+
+    ours = penalized(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True),
+                     q, k, v)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = penalized(lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, True), *refs)
+    for name, got, want in zip("qkv", torch.autograd.grad(ours, (q, k, v)), torch.autograd.grad(ref, refs)):
+        assert_close(f"d{name}", got, want, rtol=2e-4)
+    if backend != "torch":
+        out = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.1)
+        with pytest.raises(NotImplementedError, match="not differentiable twice"):
+            torch.autograd.grad(out.sum(), q, create_graph=True)
