@@ -160,7 +160,7 @@ def resolve(tensor: torch.Tensor, requested_name: str | None = None) -> str:
 
 
 def _resolve(tensor: torch.Tensor, override: str | None) -> str:
-    name = requested() if override is None else override
+    name = requested() if override is None else _check_choice(override, "the requested backend")
     if tensor.device.type == "meta":
         return "torch"  # shapes and dtypes only: torch's meta functions compute them, nothing runs
     if name == "auto":

@@ -260,3 +260,36 @@ def test_vmap_dropout_randomness(backend, device, randomness):
     assert bool((kept == kept[0]).all()) == (randomness == "same")
     with pytest.raises(RuntimeError, match="randomness"):
         torch.func.vmap(lambda r: F.dropout(r, p))(x)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_per_sample_gradients_through_dropout(chosen, place):
+    """vmap(grad(f), randomness="different"), the per-sample-gradient idiom, through dropout: each
+    sample's gradient of sum(dropout(x_i @ W)) keeps or zeroes whole columns x_i / (1 - p), with a
+    mask of its own."""
+    W, x, p = torch.randn(6, 64, device=place), torch.randn(5, 6, device=place), 0.5
+    per_sample = torch.func.vmap(torch.func.grad(lambda W, xi: F.dropout(xi @ W, p).sum()),
+                                 in_dims=(None, 0), randomness="different")(W, x)
+    kept = per_sample.abs().sum(1) != 0                                   # (5, 64): the masks
+    expected = x[:, :, None] / (1 - p) * kept[:, None, :]
+    torch.testing.assert_close(per_sample, expected)
+    assert 0.3 < kept.float().mean() < 0.7 and not bool((kept == kept[0]).all())
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_over_bert_with_a_padding_mask():
+    """vmap over single sequences and their padding masks: the automatic unpadded mode would read
+    the mask on the host, which vmap cannot; the padded path runs and gives the batch's rows."""
+    from fastdl.models import BertConfig, BertModel
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=16)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 40, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 6:] = 0
+    rows = torch.func.vmap(lambda i, m: model(i[None], attention_mask=m[None]).last_hidden_state[0])(
+        ids, mask)
+    expected = model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close("real tokens", rows[real], expected[real], rtol=1e-5)

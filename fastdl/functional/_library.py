@@ -166,7 +166,7 @@ def seeded(seed: torch.Tensor | None):
     """Run the enclosed PyTorch code with torch's generator for ``seed``'s device seeded from
     ``seed`` (a 1-element integer tensor), restoring the generator afterwards: the torch path's
     randomness is then a function of the seed, as the kernels' is. Reads the seed on the host."""
-    if seed is None or seed.is_meta or _functorch.is_batchedtensor(seed):
+    if seed is None or seed.is_meta or per_sample(seed):
         # Meta tensors: no values, nothing to seed. A seed batched by vmap(randomness="different"):
         # one per sample, which torch's generator cannot take; vmap draws each sample's randomness
         # itself, as for torch's op (an eager path: PyTorch's autograd records the mask).
@@ -187,6 +187,16 @@ def seeded(seed: torch.Tensor | None):
         yield
     finally:
         generator.set_state(state)
+
+
+def per_sample(seed: torch.Tensor) -> bool:
+    """Whether ``seed`` holds one value per sample: batched by ``vmap(randomness="different")`` at
+    some level of ``torch.func`` wrappers (``vmap(grad(f))`` wraps the batched seed again)."""
+    while _functorch.is_functorch_wrapped_tensor(seed):
+        if _functorch.is_batchedtensor(seed):
+            return True
+        seed = _functorch.get_unwrapped(seed)
+    return False
 
 
 class _PrivateGenerators(threading.local):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
 from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake, fake_like, operator,
-                       or_empty, path, recompute_grads, seeded, transform_reason)
+                       or_empty, path, per_sample, recompute_grads, seeded, transform_reason)
 from ._random import draw_seed
 from ._validate import all_cpu, broadcast, check_bool, check_floating, check_same_device, eager_index_check
 
@@ -370,7 +370,7 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, sca
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    gen = torch.Generator(q.device).manual_seed(int(seed)) if dropout_p > 0 else None
+    gen = torch.Generator(q.device).manual_seed(int(seed)) if dropout_p > 0 and not per_sample(seed) else None
     o = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     bounds = zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist()[:-1],

@@ -24,13 +24,12 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import is_batchedtensor
 from torch.overrides import has_torch_function_unary
 
 from .. import backend
 from ._double_backward import differentiable_grads
 from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty, path,
-                       recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
+                       per_sample, recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
 from ._validate import all_cpu, check_bool, check_floating, check_param_dtypes, check_same_device, check_shape
 
@@ -50,7 +49,7 @@ def _torch_dropout(input: torch.Tensor, p: float, seed: torch.Tensor | None,
     operator alike). ``inplace`` needs a contiguous input."""
     x = input if inplace else input.contiguous()  # torch draws in memory order: one mask per seed
     if (seed is not None and x.is_cpu and seed.is_cpu and 0.0 < p < 1.0 and x.numel()
-            and not has_torch_function_unary(x) and not is_batchedtensor(seed)):
+            and not has_torch_function_unary(x) and not per_sample(seed)):
         # Fast path: what F.dropout computes for a CPU tensor (ATen's _dropout_impl: a Bernoulli
         # noise tensor divided by 1 - p, times the input), its noise drawn from a private generator
         # in the state seeded() would give torch's -- the same mask, bit for bit

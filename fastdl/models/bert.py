@@ -396,9 +396,10 @@ class BertModel(BertPreTrainedModel):
             return False
         if self.config.unpad:
             return True
-        # A compiled graph cannot hold the data-dependent token count without a break: under
-        # torch.compile the automatic choice is the padded path.
-        return not torch.compiler.is_compiling() and fastdl_backend.resolve(x) != "torch"
+        # A compiled graph cannot hold the data-dependent token count without a break, nor can a
+        # torch.func transform (vmap cannot read the mask on the host): the padded path then.
+        return (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+                and fastdl_backend.resolve(x) != "torch")
 
     def _padding_unread(self, attention_mask: torch.Tensor, token_labels: torch.Tensor | None) -> bool:
         """Whether the unpadded mode's zeros at padded positions go unread, so that every output

@@ -119,10 +119,11 @@ def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
 
 
 def _overrides(layer: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
-    """Whether ``layer``'s class overrides any of torch's private blocks ``names`` of ``base``
-    (``_sa_block``...), which torch's forward calls and fastdl's fused forward would skip."""
+    """Whether ``layer``'s class (or the instance itself) overrides any of torch's private blocks
+    ``names`` of ``base`` (``_sa_block``...), which torch's forward calls and fastdl's fused forward
+    would skip."""
     cls = type(layer)
-    return any(getattr(cls, name) is not getattr(base, name) for name in names)
+    return any(getattr(cls, name) is not getattr(base, name) or name in layer.__dict__ for name in names)
 
 
 class _FastdlSubmodules:

@@ -319,6 +319,21 @@ def test_overridden_blocks_run_as_in_torch(backend, device, norm_first):
                  [_causal(T, device, torch.float32)])
 
 
+def test_a_block_replaced_on_one_instance_runs(backend, device):
+    """A block monkeypatched on one layer instance is called, as torch's forward calls it."""
+    import types
+    ref = _randomize(torch.nn.TransformerEncoderLayer(D, 2, FF, 0.0, device=device))
+    ours = fastdl.nn.TransformerEncoderLayer(D, 2, FF, 0.0, device=device)
+    ours.load_state_dict(ref.state_dict())
+    def block(self, x):
+        return -3.0 * self.linear2(self.activation(self.linear1(x)))
+
+    for layer in (ours, ref):
+        layer._ff_block = types.MethodType(block, layer)
+    x = _seq(S, False, device)
+    assert_close("output", ours(x), ref.double()(x.double()), rtol=RTOL)
+
+
 def test_custom_encoder_decoder(torch_path):
     encoder = fastdl.nn.TransformerEncoder(fastdl.nn.TransformerEncoderLayer(D, 2, FF, 0.0), 1)
     decoder = fastdl.nn.TransformerDecoder(fastdl.nn.TransformerDecoderLayer(D, 2, FF, 0.0), 2)
