@@ -391,3 +391,17 @@ def test_the_compile_marker_is_torchs():
     importing torch._dynamo at import)."""
     marked = vars(torch.compiler.assume_constant_result(lambda: None))
     assert marked and all(getattr(fastdl.backend._requested_when_traced, k) == v for k, v in marked.items())
+
+
+def test_fx_tracing_with_fastdl_modules_kept_whole():
+    """The README's recipe: an FX tracer that keeps fastdl's modules whole traces a model holding
+    them, and the traced graph computes the model's output."""
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return type(m).__module__.startswith("fastdl.nn") or super().is_leaf_module(m, qualname)
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), fnn.LayerNorm(16), fnn.Dropout(0.1),
+                                fnn.TransformerEncoderLayer(16, 2, 24, batch_first=True)).eval()
+    traced = torch.fx.GraphModule(model, Leaves().trace(model))
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(traced(x), model(x))
