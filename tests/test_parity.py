@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from torch.testing._internal.common_methods_invocations import op_db
+from helpers import assert_close
 
 import fastdl
 import fastdl.functional as F
@@ -309,6 +310,42 @@ def test_double_backward_fused_ops(backend, device):
         return F.dropout(x, 0.4) ** 2
 
     assert torch.autograd.gradgradcheck(dropout, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("width", [6, 8])
+def test_double_backward_fused_dropout_uses_the_forwards_mask(backend, device, width):
+    """Gradients recorded with create_graph=True (and their derivatives) through the fused add & norm
+    and the BERT embeddings with dropout, against float64 torch ops applying the mask the forward
+    drew (read off its outputs); widths that are and are not multiples of 4 (the fused kernels
+    count random numbers per row)."""
+    p = 0.5
+    x = torch.randn(3, width, device=device, requires_grad=True)
+    r, w, b = (torch.randn(*s, device=device) for s in ((3, width), (width,), (width,)))
+    out, pre = F.dropout_add_layer_norm(x, r, w, b, p)
+    keep = ((pre - r).detach() != 0).double() / (1 - p)
+    xr = x.detach().double().requires_grad_()
+    ref = TF.layer_norm(r.double() + xr * keep, (width,), w.double(), b.double())
+    g, h = torch.randn_like(out), torch.randn_like(x)
+    dx, = torch.autograd.grad(out, x, g, create_graph=True)
+    dxr, = torch.autograd.grad(ref, xr, g.double(), create_graph=True)
+    assert_close("add & norm d x", dx, dxr, rtol=1e-5)
+    assert_close("add & norm d(d x . h) / d x", torch.autograd.grad(dx, x, h)[0],
+                 torch.autograd.grad(dxr, xr, h.double())[0], rtol=1e-4)
+
+    ids = torch.tensor([[1, 2, 3, 0], [4, 4, 0, 2]], device=device)
+    word, pos, typ = (torch.randn(n, width, device=device, requires_grad=True) for n in (6, 4, 2))
+    emb = F.bert_embeddings(ids, None, None, word, pos, typ, None, None, 1e-12, p, True)
+    refs = [t.detach().double().requires_grad_() for t in (word, pos, typ)]
+    plain = TF.layer_norm(refs[0][ids] + refs[1][:4] + refs[2][0], (width,), eps=1e-12)
+    keep = (emb.detach() != 0).double() / (1 - p)
+    g = torch.randn_like(emb)
+    dword, = torch.autograd.grad((emb * emb).sum() + (emb * g).sum(), word, create_graph=True)
+    dword_ref, = torch.autograd.grad(((plain * keep) ** 2).sum() + (plain * keep * g.double()).sum(), refs[0],
+                                     create_graph=True)
+    assert_close("bert d word", dword, dword_ref, rtol=1e-5)
+    h = torch.randn_like(dword)
+    assert_close("bert d(d word . h) / d word", torch.autograd.grad(dword, word, h)[0],
+                 torch.autograd.grad(dword_ref, refs[0], h.double())[0], rtol=1e-4)
 
 
 def test_double_backward_attention(backend, device):

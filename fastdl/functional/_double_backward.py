@@ -38,12 +38,18 @@ def differentiable_grads(reference: Callable, inputs: Sequence[torch.Tensor | No
     return [next(got) if need else None for need in needs]
 
 
-def dropout_scale_mask(shape, p: float, seed: int, device) -> torch.Tensor | None:
-    """The dropout kernels' keep-mask for ``(p, seed)`` over a contiguous tensor of ``shape`` (the
-    counter is the flat index), times 1 / (1 - p): 0 where dropped. None without dropout."""
+def dropout_scale_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor | None:
+    """The fused kernels' keep-mask for ``(p, seed)`` over a contiguous tensor of ``shape`` viewed
+    as (rows, last dim) -- that of the add & norm, the BERT embeddings and attention's (B, H, L, S)
+    scores (``kernels.dropout.keep_mask``) -- times 1 / (1 - p): 0 where dropped. None without
+    dropout. The plain dropout kernel counts over the flat index: its mask is that of shape
+    (1, numel). Built by a kernel launch outside any ``torch.func`` transform (a constant)."""
     if p == 0.0:
         return None
     from .. import backend
 
-    keep = backend.kernels("dropout").keep_mask(shape, p, seed, device)
-    return keep * (1.0 / (1.0 - p)) if p < 1.0 else torch.zeros(shape, device=device)
+    while torch._C._functorch.is_functorch_wrapped_tensor(seed):  # the launcher reads plain tensors
+        seed = torch._C._functorch.get_unwrapped(seed)
+    with torch._C._DisableFuncTorch():
+        keep = backend.kernels("dropout").keep_mask(shape, p, seed, device)
+        return keep * (1.0 / (1.0 - p)) if p < 1.0 else torch.zeros(shape, device=device)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import has_torch_function_unary
 
 from .. import backend
-from ._double_backward import differentiable_grads
+from ._double_backward import differentiable_grads, dropout_scale_mask
 from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty, path,
                        per_sample, recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
@@ -159,8 +159,8 @@ def _torch_dropout_add_layer_norm(x, residual, weight, bias, p: float, eps: floa
         pre = x
     elif backend_name == "torch":
         pre = _torch_dropout(x, p, seed)
-    else:  # the kernel's mask, differentiably (double backward)
-        pre = torch.ops.fastdl.dropout_backward(x, p, seed, backend_name)
+    else:  # the fused kernel's (rows, N) mask, differentiably (double backward)
+        pre = (x * dropout_scale_mask(x.shape, p, seed, x.device)).to(x.dtype)
     if residual is not None:
         pre = residual + pre
     return F.layer_norm(pre, (x.shape[-1],), weight, bias, eps), pre
@@ -257,7 +257,7 @@ def _dropout_add_layer_norm_recorded_grad(ctx, dout, dpre, pre, weight, bias, se
     x_dtype, residual_dtype, _ = ctx.dtypes
     dx = None
     if need_x:
-        dx = ds if p == 0.0 else torch.ops.fastdl.dropout_backward(ds, p, seed, ctx.backend_name)
+        dx = ds if p == 0.0 else (ds * dropout_scale_mask(ds.shape, p, seed, ds.device)).to(ds.dtype)
         dx = dx.to(x_dtype)
     dres = ds.to(residual_dtype) if need_res else None
     return dx, dres, dw, db, None, None, None, None

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .. import backend
 from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty,
                        or_none, path, recompute_grads, stats_dtype, unaliased)
+from ._double_backward import dropout_scale_mask
 from ._random import draw_seed
 from ._validate import all_cpu, check_bool, check_floating, check_same_device, eager_index_check
 from .dropout import _check_p, _torch_dropout
@@ -220,7 +221,7 @@ def _torch_bert_embeddings(input_ids, token_type_ids, position_ids, word, positi
     if backend_name == "torch":
         return _torch_dropout(x, p, seed)
     # The kernel's mask over the contiguous (tokens, D) rows, differentiably.
-    return torch.ops.fastdl.dropout_backward(x.contiguous(), p, seed, backend_name)
+    return (x * dropout_scale_mask(x.shape, p, seed, x.device)).to(x.dtype)
 
 
 def _lookups(input_ids, token_type_ids, position_ids, word, position, token_type):
