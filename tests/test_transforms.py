@@ -293,3 +293,39 @@ def test_vmap_over_bert_with_a_padding_mask():
     expected = model(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     assert_close("real tokens", rows[real], expected[real], rtol=1e-5)
+
+
+def _dropout_cases(device):
+    x, r = torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)
+    q = torch.randn(2, 2, 5, 16, device=device)
+    ids = torch.randint(0, 6, (2, 3), device=device)
+    word, pos, typ = (torch.randn(n, 6, device=device) for n in (6, 3, 2))
+    return x, {
+        "dropout": lambda x: F.dropout(x, 0.5),
+        "add_norm": lambda x: F.dropout_add_layer_norm(x, r, None, None, 0.5)[0],
+        "sdpa": lambda x: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5) * x.sum(),
+        "bert": lambda x: F.bert_embeddings(ids, None, None, word, pos, typ, None, None, 1e-12, 0.5, True)
+        * x.sum()}
+
+
+@pytest.mark.parametrize("case", ["dropout", "add_norm", "sdpa", "bert"])
+def test_transforms_draw_the_eager_masks(case, chosen, place):
+    """Under jvp and grad a call draws the dropout mask an eager call draws for the same seed (the
+    kernel's, computed in torch ops), so forward-mode and reverse-mode checks of one function agree."""
+    x, cases = _dropout_cases(place)
+    f = cases[case]
+    torch.manual_seed(1)
+    eager = f(x)
+    torch.manual_seed(1)
+    primal, _ = torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(primal, eager)
+    if case == "dropout":
+        torch.manual_seed(1)
+        grad = torch.func.grad(lambda x: (f(x) * x).sum())(x)
+        torch.testing.assert_close(grad, 2 * eager)  # d/dx of x * mask * x
+
+        def seeded(x):
+            torch.manual_seed(1)
+            return F.dropout(x, 0.5)
+
+        assert torch.autograd.gradcheck(seeded, (x.double().requires_grad_(),), check_forward_ad=True)

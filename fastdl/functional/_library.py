@@ -140,6 +140,21 @@ def eager_torch_path(op: str, tensor: torch.Tensor, unsupported: Callable[[], st
     return backend.select(op, tensor, reason) == "torch"
 
 
+def masks_from(tensor: torch.Tensor, seed: torch.Tensor | None,
+               unsupported: Callable[[], str | None] | None = None) -> str:
+    """Whose dropout masks a call on the eager torch path draws (after :func:`eager_torch_path`
+    said True): the kernel backend's when only a ``torch.func`` transform or forward-mode AD kept
+    the kernel from the call -- so ``torch.manual_seed`` gives the masks eager calls get, and
+    forward-mode and reverse-mode checks of one function agree -- else ``"torch"`` (also for a
+    per-sample seed under ``vmap``, whose masks vmap draws)."""
+    if seed is None or torch.compiler.is_compiling():
+        return "torch"
+    name = backend.resolve(tensor)
+    if name == "torch" or transform_reason() is None or per_sample(seed):
+        return "torch"
+    return "torch" if unsupported is not None and unsupported() is not None else name
+
+
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``t``, or for None the empty tensor an operator returns in its place (a schema's tensor
     outputs cannot be None, e.g. the gradient of an absent bias)."""

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake, fake_like, operator,
-                       or_empty, path, per_sample, recompute_grads, seeded, transform_reason)
+from ._library import (as_output, autocast_dtype, autocast_to, eager_torch_path, fake, fake_like, masks_from,
+                       operator, or_empty, path, per_sample, recompute_grads, seeded, transform_reason)
 from ._random import draw_seed
 from ._validate import all_cpu, broadcast, check_bool, check_floating, check_same_device, eager_index_check
 
@@ -302,8 +302,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         _check_mask_shape(query, key, value, attn_mask)
     dropout_p = float(dropout_p)
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
-    if eager_torch_path(_OP, query, lambda: _unsupported(query, key, value, attn_mask, enable_gqa,
-                                                         backend.resolve(query))):
+    def unsupported():
+        return _unsupported(query, key, value, attn_mask, enable_gqa, backend.resolve(query))
+
+    if eager_torch_path(_OP, query, unsupported):
+        if masks_from(query, seed, unsupported) != "torch":  # under torch.func: the kernel's mask
+            q4, k4 = _as_4d(query), _as_4d(key)
+            keep = dropout_scale_mask(q4.shape[:3] + (k4.shape[2],), dropout_p, seed, query.device)
+            return _reference_attention(q4, k4, _as_4d(value), attn_mask, bool(is_causal), scale, keep).view(
+                *query.shape[:-1], value.shape[-1])
         return _torch_attention(query, key, value, attn_mask, dropout_p, bool(is_causal), scale, enable_gqa,
                                 seed)
     return torch.ops.fastdl.scaled_dot_product_attention(

@@ -28,8 +28,8 @@ from torch.overrides import has_torch_function_unary
 
 from .. import backend
 from ._double_backward import differentiable_grads, dropout_scale_mask
-from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty, path,
-                       per_sample, recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, masks_from, operator,
+                       or_empty, path, per_sample, recompute_grads, seeded, seeded_cpu_generator, stats_dtype)
 from ._random import draw_seed
 from ._validate import all_cpu, check_bool, check_floating, check_param_dtypes, check_same_device, check_shape
 
@@ -120,6 +120,10 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     check_floating("input", input)
     seed = draw_seed(input.device)
     if eager_torch_path("dropout", input):  # the operator's mask, recorded by PyTorch's autograd
+        if masks_from(input, seed) != "torch":  # under torch.func: the kernel's (flat) mask, in torch ops
+            mask = dropout_scale_mask((1, input.numel()), p, seed, input.device).view(input.shape)
+            out = (input * mask).to(input.dtype)
+            return input.copy_(out) if inplace else out
         if not inplace:
             return _torch_dropout(input, p, seed)
         if input.is_contiguous():  # the layout the operator draws in
@@ -309,7 +313,8 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None
         p = 0.0
     seed = draw_seed(x.device) if p > 0.0 and x.numel() else None
     if eager_torch_path("dropout_add_layer_norm", x):
-        out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed, "torch")
+        out, pre = _torch_dropout_add_layer_norm(x, residual, weight, bias, p, float(eps), seed,
+                                                 masks_from(x, seed))
         if pre is x:  # no residual, no dropout: a new tensor, as the operator returns
             pre = x.clone()
     else:

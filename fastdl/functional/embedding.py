@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, operator, or_empty,
+from ._library import (as_output, autocast_dtype, eager_torch_path, fake, fake_like, masks_from, operator,
+                       or_empty,
                        or_none, path, recompute_grads, stats_dtype, unaliased)
 from ._double_backward import dropout_scale_mask
 from ._random import draw_seed
@@ -449,7 +450,7 @@ def bert_embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
     args = (input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias,
             float(eps), p, seed, -1 if pad is None else pad)
     if eager_torch_path("bert_embeddings", word, lambda: _bert_unsupported(word)):
-        out = _bert_embeddings_torch_path(*args)
+        out = _bert_embeddings_torch_path(*args, masks_from(word, seed, lambda: _bert_unsupported(word)))
     else:
         out = torch.ops.fastdl.bert_embeddings(*args, backend.operator_requested())[0]
     if word.is_cuda and autocast_dtype(word) is not None:
