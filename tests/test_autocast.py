@@ -94,6 +94,22 @@ def test_cpu_autocast_modules(backend_name, name):
         _compare(ours, reference, "cpu", torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "auto"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_cpu_autocast_linear_cross_entropy_with_mixed_dtypes(backend_name, dtypes):
+    """Under autocast torch's LinearCrossEntropyLoss takes a hidden and a weight of different
+    dtypes (autocast casts both); so does fastdl's, as does BERT's MLM head, whose LayerNorm
+    returns bfloat16 on CPU."""
+    reference = torch.nn.LinearCrossEntropyLoss(D, 11)
+    ours = fnn.LinearCrossEntropyLoss(D, 11)
+    ours.load_state_dict(reference.state_dict())
+    hidden_dtype, weight_dtype = dtypes
+    reference.to(weight_dtype), ours.to(weight_dtype)
+    h, t = torch.randn(6, D, dtype=hidden_dtype), torch.randint(0, 11, (6,))
+    with fastdl.backend.use(backend_name):
+        _compare(lambda: ours(h, t), lambda: reference(h, t), "cpu", torch.bfloat16)
+
+
 def test_float32_mask_with_low_precision_query_outside_autocast():
     """torch takes a float32 additive mask whatever the query's float dtype; so does fastdl."""
     q = torch.randn(2, 2, 6, D, dtype=torch.bfloat16)

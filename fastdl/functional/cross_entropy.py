@@ -32,7 +32,7 @@ import numbers
 import torch
 
 from .. import backend
-from ._library import fake, operator, transform_reason
+from ._library import autocast_to, fake, operator, transform_reason
 from ._validate import check_floating, check_same_device, eager_index_check
 
 _OP = "linear_cross_entropy"
@@ -352,13 +352,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Class indices outside [0, V) raise IndexError on CPU tensors; on CUDA they give a NaN loss
     (checking would need a device-to-host sync). Not differentiable twice.
     """
+    low = _autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
+    if low is not None:  # autocast's cast of linear's floating inputs, before the dtype check (as torch)
+        hidden, weight, bias = (autocast_to(low, t) if isinstance(t, torch.Tensor) else t
+                                for t in (hidden, weight, bias))
     soft = _check_args(hidden, weight, target, bias, ignore_index, label_smoothing, reduction)
-    out_dtype = hidden.dtype
-    low = _autocast_dtype(hidden)
-    if low is not None:
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = None if bias is None else bias.to(low)
-        out_dtype = torch.float32
+    out_dtype = torch.float32 if low is not None else hidden.dtype
     h = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # not (-1, H): H may be 0
     t = target.reshape(h.shape[0], weight.shape[0]) if soft else target.reshape(h.shape[0])
     reason = None if torch.compiler.is_compiling() else transform_reason()
