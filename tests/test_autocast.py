@@ -110,6 +110,30 @@ def test_cpu_autocast_linear_cross_entropy_with_mixed_dtypes(backend_name, dtype
         _compare(lambda: ours(h, t), lambda: reference(h, t), "cpu", torch.bfloat16)
 
 
+def _varlen_reference(q, k, v, cu_q, cu_k):
+    """Per-sequence torch SDPA, packed back: what varlen_attention computes."""
+    outs = []
+    for i in range(cu_q.numel() - 1):
+        qi, ki, vi = (t[a:b].transpose(0, 1) for t, a, b in
+                      ((q, cu_q[i], cu_q[i + 1]), (k, cu_k[i], cu_k[i + 1]), (v, cu_k[i], cu_k[i + 1])))
+        outs.append(TF.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_varlen_attention(backend_name, dtype, k_dtype):
+    """varlen_attention runs in the autocast dtype, as torch's SDPA over each sequence does, also
+    with q, k, v of different float dtypes (autocast casts them all). float16 autocast runs the
+    interpreted kernel on ``auto``."""
+    cu_q, cu_k = torch.tensor([0, 5, 7]), torch.tensor([0, 3, 9])
+    q, k, v = torch.randn(7, 2, D), torch.randn(9, 2, D, dtype=k_dtype), torch.randn(9, 2, D)
+    with fastdl.backend.use(backend_name):
+        _compare(lambda: F.varlen_attention(q, k, v, cu_q, cu_k, 5, 6),
+                 lambda: _varlen_reference(q, k, v, cu_q, cu_k), "cpu", dtype)
+
+
 def test_float32_mask_with_low_precision_query_outside_autocast():
     """torch takes a float32 additive mask whatever the query's float dtype; so does fastdl."""
     q = torch.randn(2, 2, 6, D, dtype=torch.bfloat16)

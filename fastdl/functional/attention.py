@@ -507,7 +507,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     with no key to attend, i < L - S, return 0). ``scale`` defaults to 1 / sqrt(D); dropout on
     the attention probabilities, seeded from torch's generator. Returns (Tq, H, Dv); rows outside
     every sequence are 0. The torch path (float64, or forced) loops over the sequences on the host.
+    Under autocast q, k and v are cast to its dtype, as for ``scaled_dot_product_attention``.
     """
+    cast = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    if cast is not None:  # as scaled_dot_product_attention: on autocast's lower-precision list
+        q, k, v = (autocast_to(cast, t) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
     _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale)
     dropout_p = float(dropout_p)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
