@@ -110,6 +110,27 @@ def test_cpu_autocast_linear_cross_entropy_with_mixed_dtypes(backend_name, dtype
         _compare(lambda: ours(h, t), lambda: reference(h, t), "cpu", torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "auto"])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("masks", ["attn_mask", "key_padding_mask", "both"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_autocast_mha_mask_in_the_other_low_dtype(backend_name, need_weights, masks, dtype):
+    """torch's MultiheadAttention under autocast takes a float mask in the other low dtype (a
+    bf16 mask under fp16 autocast): autocast casts it with SDPA's or baddbmm's arguments."""
+    reference = torch.nn.MultiheadAttention(D, 2, dropout=0.0, batch_first=True)
+    ours = fnn.MultiheadAttention(D, 2, dropout=0.0, batch_first=True)
+    ours.load_state_dict(reference.state_dict())
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    x = torch.randn(2, 6, D)
+    kwargs = dict(need_weights=need_weights)
+    if masks != "key_padding_mask":
+        kwargs["attn_mask"] = torch.randn(6, 6).to(other)
+    if masks != "attn_mask":
+        kwargs["key_padding_mask"] = torch.randn(2, 6).to(other)
+    with fastdl.backend.use(backend_name):
+        _compare(lambda: ours(x, x, x, **kwargs)[0], lambda: reference(x, x, x, **kwargs)[0], "cpu", dtype)
+
+
 def _varlen_reference(q, k, v, cu_q, cu_k):
     """Per-sequence torch SDPA, packed back: what varlen_attention computes."""
     outs = []

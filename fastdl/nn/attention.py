@@ -58,6 +58,15 @@ def _check_float_mask(name: str, mask: torch.Tensor | None, dtype: torch.dtype, 
                     + ("" if fused else " (need_weights=True computes the softmax in the query's dtype)"))
 
 
+def _other_low_dtype_to(dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` cast to ``dtype`` when it is an fp16/bf16 mask of the other low dtype (what
+    autocast's cast of the SDPA and baddbmm arguments does to it), else unchanged."""
+    low = (torch.float16, torch.bfloat16)
+    if mask is not None and mask.dtype in low and dtype in low and mask.dtype != dtype:
+        return mask.to(dtype)
+    return mask
+
+
 def sdpa_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, *,
                 batch: int, num_heads: int, tgt_len: int, src_len: int, extra_keys: int,
                 dtype: torch.dtype, fused: bool = True) -> torch.Tensor | None:
@@ -228,8 +237,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             extra += 1
 
         # Under autocast torch's weights path adds the float masks in baddbmm, which autocast runs in
-        # its dtype: merged as given, then cast, as here.
+        # its dtype: merged as given, then cast, as here. Its SDPA casts a mask in the other low
+        # dtype (bf16 under fp16 autocast) to the query's too, so both paths take one, cast first.
         cast_mask = need_weights and autocast_dtype(q) is not None
+        if autocast_dtype(q) is not None:
+            attn_mask = _other_low_dtype_to(q.dtype, attn_mask)
+            key_padding_mask = _other_low_dtype_to(q.dtype, key_padding_mask)
         mask = sdpa_mask(attn_mask, key_padding_mask, batch=batch, num_heads=heads, tgt_len=tgt_len,
                          src_len=src_len, extra_keys=extra, dtype=q.dtype,
                          fused=not need_weights or cast_mask)
