@@ -929,7 +929,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     (contiguous), and the gradient of a float ``attn_mask`` (its shape and dtype, summed over its
     broadcast dims) when ``mask_grad`` is True, else None. Deterministic: no atomics.
     """
-    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    q, k, v, do, o = (_last_dim_contiguous(t) for t in (q, k, v, do, o))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
     scale = default_scale(D) if scale is None else float(scale)
     dq, dk, dv = (_alloc(t.shape, t.dtype, t.device) for t in (q, k, v))

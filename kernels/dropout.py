@@ -62,15 +62,13 @@ def keep_scale(p: float) -> float:
 
 
 @ensure_contiguous
-def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """Dropout of ``x`` (any shape, fp16/bf16/fp32/fp64) with the mask of ``seed``.
 
-    seed: one-element int64 tensor on x's device (read by the kernel only). Returns a contiguous
-    tensor shaped like ``x`` in its dtype; ``out`` (contiguous, same shape and dtype; may be ``x``
-    itself) receives the result instead of a new tensor.
+    seed: one-element int64 tensor on x's device (read by the kernel only). Returns a new
+    contiguous tensor shaped like ``x`` in its dtype.
     """
-    y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     numel = x.numel()
     if numel == 0:
         return y

@@ -525,3 +525,20 @@ def test_launcher_returns_logsumexp(backend, device):
     assert torch.equal(lse[:, :, 3], expected[:, :, 3])  # -inf
     finite = expected.isfinite()
     assert_close("lse", lse[finite], expected[finite], rtol=1e-6)
+
+
+def test_launcher_backward_reads_any_output_layout(backend, device):
+    """attention_bwd takes o (the forward's output) in any layout, as it takes q, k, v and do:
+    a caller's copy of o with a strided last dim gives the gradients of a contiguous one."""
+    if backend == "torch":
+        pytest.skip("the launcher is the kernel path")
+    attention = fastdl.backend.kernels("attention")
+    q, k, v = (t.detach() for t in _qkv(1, 2, 19, 27, 32, torch.float32, device))
+    o, lse = attention.attention_fwd(q, k, v)
+    do = torch.randn_like(o)
+    want = attention.attention_bwd(do, q, k, v, o, lse)
+    strided = torch.empty(*o.shape[:-1], 2 * o.shape[-1], device=device)[..., ::2]
+    strided.copy_(o)
+    got = attention.attention_bwd(do, q, k, v, strided, lse)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, msg=name)
