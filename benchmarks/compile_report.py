@@ -21,9 +21,10 @@ Checks (``--check``, the CI gate): every compile succeeds; shared memory within 
 limit (227 KB sm_90a, 163 KB sm_80); no register spills in fp16/bf16 launches, nor in attention's
 fp32 ones (3xTF32 on tensor cores, with head-dim chunks where registers are short); sm_90a attention
 forward and backward use ``wgmma``; the memory-bound kernels issue vector global loads at aligned
-widths; every ``@triton.jit`` kernel in ``kernels/`` is launched by some spec and every boolean
-constexpr is seen both ways. ``--cover`` compiles, per target, a subset of the launches chosen so
-that each config, each constexpr value and each dtype of every kernel is compiled at least once.
+widths; fp16/bf16/fp32 launches compute nothing in float64; every ``@triton.jit`` kernel in
+``kernels/`` is launched by some spec and every boolean constexpr is seen both ways. ``--cover``
+compiles, per target, a subset of the launches chosen so that each config, each constexpr value
+and each dtype of every kernel is compiled at least once.
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def covering_subset(records: list[dict]) -> list[dict]:
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9_]+)*\.v[248]\.")
+# float64 arithmetic, or a widening to float64: a float64 scalar argument that leaked into the
+# element math of an fp16/bf16/fp32 launch (its kernels convert such scalars to ACC first).
+_F64_MATH = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|min|max|neg|abs)(?:\.[a-z0-9]+)*\.f64\b"
+                       r"|\bcvt(?:\.[a-z0-9]+)*\.f64\.(?:f32|f16|bf16)\b")
 
 
 def _ptxas_stats(log: str) -> tuple[int, int]:
@@ -274,6 +279,7 @@ def compile_one(args) -> dict:
     row["shared_bytes"] = int(kernel.metadata.shared)
     row["wgmma"] = "wgmma" in ptx
     row["vector_loads"] = bool(_VECTOR_LOAD.search(ptx))
+    row["f64_math"] = len(_F64_MATH.findall(ptx))
     return row
 
 
@@ -312,6 +318,9 @@ def findings(rows: list[dict]) -> list[str]:
             out.append(f"{where}: no wgmma")
         if r["kernel"] in MEMORY_BOUND and "aligned" in r["case"] and not r["vector_loads"]:
             out.append(f"{where}: no vectorised global loads")
+        computes_f64 = r["dtype"] == "fp64" or r["constexprs"].get("ACC") == "fp64"
+        if not computes_f64 and r.get("f64_math", 0):
+            out.append(f"{where}: {r['f64_math']} float64 instructions in a {r['dtype']} launch")
     return out
 
 

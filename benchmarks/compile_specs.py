@@ -26,6 +26,8 @@ CASE = {"name": ""}
 _SEED = torch.tensor([7], dtype=torch.int64)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels other than attention also compute float64 inputs (in float64) on a GPU.
+WITH_FLOAT64 = FLOAT_DTYPES + (torch.float64,)
 
 
 def spec(family: str):
@@ -62,7 +64,7 @@ ROW_WIDTHS = (61, 300, 1024, 4096, 16384, 20011)
 @spec("layer_norm")
 def layer_norm_launches():
     ln = kernels("layer_norm")
-    for dtype in FLOAT_DTYPES:
+    for dtype in WITH_FLOAT64:
         for N in ROW_WIDTHS:
             with case(f"{_dt(dtype)} N={N}" + (" aligned" if N % 16 == 0 else "")):
                 x = torch.randn(3, N).to(dtype)
@@ -86,7 +88,7 @@ def layer_norm_launches():
 @spec("dropout")
 def dropout_launches():
     dropout = kernels("dropout")
-    for dtype in FLOAT_DTYPES:
+    for dtype in WITH_FLOAT64:
         with case(f"{_dt(dtype)} aligned"):
             dropout.dropout_fwd(torch.randn(4096).to(dtype), 0.1, _SEED)
     with case("mask"):
@@ -96,7 +98,7 @@ def dropout_launches():
 @spec("batch_norm")
 def batch_norm_launches():
     bn = kernels("batch_norm")
-    for dtype in FLOAT_DTYPES:
+    for dtype in WITH_FLOAT64:
         # (N, C, S) contiguous, channels_last, (N, C) and a huge-channel 2-D input.
         for name, x in (("nchw", torch.randn(4, 8, 6, 6)), ("channels_last",
                         torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)),
@@ -117,7 +119,7 @@ def batch_norm_launches():
 @spec("embedding")
 def embedding_launches():
     emb = kernels("embedding")
-    for dtype in FLOAT_DTYPES:
+    for dtype in WITH_FLOAT64:
         for N in (61, 768, 4096):
             label = f"{_dt(dtype)} N={N}" + (" aligned" if N % 16 == 0 else "")
             with case(label):
@@ -195,7 +197,7 @@ def varlen_attention_launches():
 @spec("cross_entropy")
 def cross_entropy_launches():
     ce = kernels("cross_entropy")
-    for dtype in FLOAT_DTYPES:
+    for dtype in WITH_FLOAT64:
         for V in (1000, 30522):  # one block, and a vocabulary streamed in blocks
             with case(f"{_dt(dtype)} V={V}"):
                 logits = torch.randn(8, V).to(dtype)

@@ -103,9 +103,12 @@ def _bn_stats_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_finalize_kernel(
     X, PART_MEAN, PART_M2, MEAN, RSTD, RUNNING_MEAN, RUNNING_VAR,  # MEAN, RSTD: (C,) float32/64
-    C, R, G, rows_per_program, last_count, stride_c, momentum, eps,
+    C, R, G, rows_per_program, last_count, stride_c, momentum: tl.float64, eps: tl.float64,
     UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        momentum = tl.cast(momentum, ACC)
+        eps = tl.cast(eps, ACC)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     count = tl.zeros([BLOCK_C], dtype=ACC)
@@ -136,10 +139,12 @@ def _bn_finalize_kernel(
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_running_stats_kernel(
-    RUNNING_MEAN, RUNNING_VAR, MEAN, RSTD, C, eps,
+    RUNNING_MEAN, RUNNING_VAR, MEAN, RSTD, C, eps: tl.float64,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Evaluation: mean and rstd (C,) in the accumulation type from the running buffers."""
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        eps = tl.cast(eps, ACC)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     var = tl.load(RUNNING_VAR + cols, mask=col_mask, other=1.0).to(ACC)

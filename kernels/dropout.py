@@ -35,8 +35,10 @@ BLOCK = 4096 if INTERPRET else 1024
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
-def _dropout_kernel(X, Y, SEED, numel, threshold, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(X, Y, SEED, numel, threshold, scale: tl.float64, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Y[i] = X[i] * (keep(seed, i) ? scale : 0) for one block of the flat (numel,) tensors."""
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        scale = tl.cast(scale, ACC)
     block = tl.program_id(0).to(tl.int64)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel

@@ -248,10 +248,14 @@ def _table_row(IDS, TABLE, row, cols, mask, N, rows, ACC: tl.constexpr):
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_fwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, LN_B, OUT, MEAN, RSTD,  # ids (M,); tables (*, N)
-    SEED, N, V, P, T, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT; V, P, T: rows
+    # SEED: (1,) int64, read only with DROPOUT; V, P, T: rows of the tables
+    SEED, N, V, P, T, eps: tl.float64, threshold, scale: tl.float64,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        eps = tl.cast(eps, ACC)
+        scale = tl.cast(scale, ACC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -276,10 +280,12 @@ def _bert_embeddings_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bert_embeddings_bwd_kernel(
     WORD_IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, LN_W, MEAN, RSTD, DOUT, DS, DW_PART, DB_PART,
-    SEED, M, N, V, P, T, rows_per_program, threshold, scale,  # DS: (M, N) ACC; *_PART: (programs, N)
+    SEED, M, N, V, P, T, rows_per_program, threshold, scale: tl.float64,  # DS: (M, N) ACC; *_PART: (G, N)
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        scale = tl.cast(scale, ACC)
     pid = tl.program_id(0)
     seed = tl.load(SEED) if DROPOUT else 0
     row_start = pid.to(tl.int64) * rows_per_program

@@ -37,10 +37,12 @@ from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, ch
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,  # X, Y: (M, N); W, B: (N,); MEAN, RSTD: (M,) float32/64
-    stride_x_row, stride_y_row, N, eps,
+    stride_x_row, stride_y_row, N, eps: tl.float64,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        eps = tl.cast(eps, ACC)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
     X += row * stride_x_row
     Y += row * stride_y_row
@@ -358,10 +360,13 @@ def _dropout_add(X, RES, PRE, row, start, N, seed, threshold, scale, DROPOUT: tl
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_fwd_kernel(
     X, RES, W, B, Y, PRE, MEAN, RSTD,  # X, RES, Y, PRE: (M, N) contiguous; W, B: (N,); MEAN, RSTD: (M,)
-    SEED, N, eps, threshold, scale,  # SEED: (1,) int64, read only with DROPOUT
+    SEED, N, eps: tl.float64, threshold, scale: tl.float64,  # SEED: (1,) int64, read with DROPOUT
     DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        eps = tl.cast(eps, ACC)
+        scale = tl.cast(scale, ACC)
     row = tl.program_id(0).to(tl.int64)
     base = row * N  # int64: flat offsets (and the random stream) may pass 2^31
     seed = tl.load(SEED) if DROPOUT else 0
@@ -424,10 +429,12 @@ def _dropout_add_norm_fwd_kernel(
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _dropout_add_norm_bwd_kernel(
     DOUT, DPRE, PRE, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART,  # (M, N) contiguous; parts (G, N)
-    SEED, M, N, rows_per_program, threshold, scale,
+    SEED, M, N, rows_per_program, threshold, scale: tl.float64,
     DROPOUT: tl.constexpr, HAS_DPRE: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
+    if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
+        scale = tl.cast(scale, ACC)
     pid = tl.program_id(0)
     seed = tl.load(SEED) if DROPOUT else 0
     row_start = pid.to(tl.int64) * rows_per_program

@@ -23,6 +23,13 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1
 # lets masked loads be vectorised.) Names a kernel lacks are ignored; attention adds L and S.
 PER_CALL_ARGS = ["seed", "M", "R", "G", "rows_per_program", "last_count"]
 
+# Float scalar arguments (eps, momentum, the dropout scale) are annotated ``tl.float64``: Triton
+# passes an unannotated Python float as float32, which would round them in a float64 kernel. Each
+# kernel casts them to its ACC type first unless ACC is float64, so fp16/bf16/fp32 launches compute
+# nothing in float64 (the compile gate reads their PTX for it). The cast is written in each kernel,
+# not in a helper: the interpreter passes the Python float as is, and a call would round it to
+# float32.
+
 # Largest row a norm-style kernel keeps in registers in one block; longer rows are looped over.
 MAX_FUSED_ELEMENTS = 16384
 
