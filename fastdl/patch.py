@@ -16,7 +16,9 @@ Three things happen:
    :func:`register_norm`) and replaced by ``fastdl.nn.LayerNorm`` / ``fastdl.nn.RMSNorm`` holding
    the same ``weight`` (and ``bias``), so ``state_dict`` keys do not change. Before a norm is
    swapped both modules run on one small random input; if they disagree beyond the dtype's
-   tolerance the module is left as it was and the report says by how much.
+   tolerance the module is left as it was and the report says by how much. An input whose dtype
+   differs from the weight's runs the model's own forward, whose output dtype rule is the
+   model's (T5 casts to a float16 weight's dtype, Llama promotes), not torch's.
 3. A Hugging Face ``transformers`` model whose attention goes through ``transformers``'
    attention-function registry is switched to ``attn_implementation="fastdl"``
    (:mod:`fastdl.integrations.transformers`), so its attention runs on
@@ -205,6 +207,26 @@ def register_norm(cls: type | str, kind: str, eps_attr: str = "eps") -> None:
     NORMS[name] = NormSpec(kind, eps_attr)
 
 
+class _ModelRMSNorm(fnn.RMSNorm):
+    """fastdl's RMSNorm standing in for a model's own norm class. An input of another dtype than
+    the weight runs that class's forward: models set their own output dtype there (Llama's
+    promotes input and weight, T5's casts to a half-precision weight's dtype), not torch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype != self.weight.dtype:
+            return self._model_forward(self, input)
+        return super().forward(input)
+
+
+class _ModelLayerNorm(fnn.LayerNorm):
+    """fastdl's LayerNorm standing in for a model's own norm class (see :class:`_ModelRMSNorm`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype != self.weight.dtype:
+            return self._model_forward(self, input)
+        return super().forward(input)
+
+
 # Relative error allowed between a registered norm and fastdl's on the self-check input.
 _CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -225,9 +247,10 @@ def _norm_replacement(old: torch.nn.Module, spec: NormSpec) -> tuple[torch.nn.Mo
         return None, "on the meta device: cannot be checked"
     factory = dict(device="meta", dtype=weight.dtype)
     if spec.kind == "rms_norm":
-        new = fnn.RMSNorm(weight.shape, eps=float(eps), **factory)
+        new = _ModelRMSNorm(weight.shape, eps=float(eps), **factory)
     else:
-        new = fnn.LayerNorm(weight.shape, eps=float(eps), bias=bias is not None, **factory)
+        new = _ModelLayerNorm(weight.shape, eps=float(eps), bias=bias is not None, **factory)
+    new._model_forward = type(old).forward
     new._parameters = {"weight": weight, **({"bias": bias} if bias is not None else {})}
     new.train(old.training)
     problem = _self_check(old, new, weight)
@@ -297,8 +320,9 @@ def _swap_modules(model: torch.nn.Module, report: PatchReport) -> torch.nn.Modul
             new, reason = _norm_replacement(module, spec)
         if new is not None:
             swapped[id(module)] = new
+            public = next(c for c in type(new).__mro__ if c.__module__.startswith("fastdl.nn"))
             report.entries.append(PatchEntry(path, type(module).__name__, "swapped",
-                                             f"fastdl.nn.{type(new).__name__}"))
+                                             f"fastdl.nn.{public.__name__}"))
             return new
         left.add(id(module))
         reason = reason or _looks_left_out(module)

@@ -367,7 +367,7 @@ def test_register_norm_swaps_after_a_self_check(monkeypatch):
     expected = model(x)
     custom = model[0]
     fastdl.patch(model)
-    assert type(model[0]) is fastdl.nn.LayerNorm and model[0].eps == 1e-3
+    assert isinstance(model[0], fastdl.nn.LayerNorm) and model[0].eps == 1e-3
     assert model[0].weight is custom.weight and model[0].bias is custom.bias
     assert model[0].epsilon == 1e-3  # the model's own attribute stays readable
     assert type(model[1]) is OffsetRMSNorm  # refused by the self-check
@@ -403,3 +403,47 @@ def test_patch_module_is_reachable():
     assert patch_module is fastdl.patch and callable(fastdl.patch)
     assert fastdl.patch.hf_attention is attention_forward is hf_attention
     assert fastdl.patch.patch(torch.nn.Dropout()).__class__ is fastdl.nn.Dropout
+
+
+@pytest.mark.parametrize("cls_name", ["T5LayerNorm", "LlamaRMSNorm"])
+@pytest.mark.parametrize("weight_dtype,input_dtype", [
+    (torch.float16, torch.float32), (torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
+def test_registered_norms_keep_the_models_dtype_rule(backend, device, cls_name, weight_dtype, input_dtype):
+    """A model norm fed another dtype than its weight's returns what the model's class returns:
+    T5 casts to a half-precision weight's dtype (a float16 T5 keeps its `wo` in float32, so its
+    norms see float32), Llama promotes; torch's rule (the input's dtype) would break the next
+    layer or change its precision."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+    old = {"T5LayerNorm": T5LayerNorm, "LlamaRMSNorm": LlamaRMSNorm}[cls_name](24, eps=1e-6)
+    with torch.no_grad():
+        old.weight.normal_()
+    old = old.to(device, weight_dtype)
+    model = fastdl.patch(torch.nn.Sequential(old))
+    assert isinstance(model[0], fastdl.nn.RMSNorm) and type(model[0]) is not type(old)
+    x = torch.randn(3, 24, device=device).to(input_dtype)
+    with fastdl.backend.use(backend):
+        got = model[0](x)
+    want = old(x)
+    assert got.dtype == want.dtype
+    assert_close("output", got.double(), want.double(), rtol=1e-2)
+    same = torch.randn(3, 24, device=device).to(weight_dtype)  # the same dtype runs fastdl's norm
+    with fastdl.backend.use(backend):
+        torch.testing.assert_close(model[0](same).float(), old(same).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_float16_t5_checkpoint_runs_after_patch(tmp_path, backend, device):
+    """T5 loaded in float16 keeps its `wo` projections in float32; after patch it still runs and
+    gives the unpatched model's output."""
+    cfg = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                relative_attention_num_buckets=8, decoder_start_token_id=0)
+    transformers.T5Model(cfg).save_pretrained(tmp_path)
+    model = transformers.T5Model.from_pretrained(tmp_path, dtype=torch.float16).to(device).eval()
+    reference = copy.deepcopy(model)
+    fastdl.patch(model)
+    ids = torch.randint(2, 99, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad(), fastdl.backend.use("auto" if backend == "interpret" else backend):
+        got = model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
+    want = reference(input_ids=ids, decoder_input_ids=ids).last_hidden_state
+    assert got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -128,7 +128,12 @@ def _check_mask_shape(query, key, value, attn_mask) -> None:
     takes; torch checks the others)."""
     if attn_mask is None or not query.dim() == key.dim() == value.dim() or query.dim() > 4:
         return
-    target = _shape_4d(query)[:3] + (key.shape[-2],)
+    q4, k4, v4 = _shape_4d(query), _shape_4d(key), _shape_4d(value)
+    # The output's batch broadcasts query, key and value (a batch-1 query against batch-B keys,
+    # as torch); its heads are the query's under GQA, else broadcast too.
+    batch = broadcast(q4[:1], k4[:1], v4[:1]) or q4[:1]
+    heads = broadcast(q4[1:2], k4[1:2], v4[1:2]) or q4[1:2]
+    target = batch + heads + (q4[2], k4[2])
     # More dims than the query would grow the output's rank: torch refuses that too.
     if attn_mask.dim() > query.dim() or broadcast(attn_mask.shape, target) != target:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "

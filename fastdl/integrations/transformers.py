@@ -23,6 +23,11 @@ Models whose attention does not go through ``AttentionInterface`` (custom code, 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+import sys
+
 import torch
 
 from .. import functional as F
@@ -30,6 +35,11 @@ from .. import functional as F
 __all__ = ["ATTENTION_NAME", "register", "is_registered", "attention_forward", "supports_attention"]
 
 ATTENTION_NAME = "fastdl"
+
+# Attention-function arguments that change what the scores mean, which fastdl's kernel (as
+# ``sdpa``) cannot compute: raised on, never ignored.
+_REFUSED = {"softcap": "softcap", "s_aux": "attention sinks", "sinks": "attention sinks",
+            "indices": "a sparse key selection", "block_indices": "a sparse key selection"}
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -47,10 +57,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     Under autocast the queries are in the low-precision dtype while a float mask or position bias
     built by the model may be float32; it is cast to the queries' dtype, as autocast does for
-    torch's SDPA. ``softcap`` and paged caches raise ``ValueError`` (``sdpa`` has neither).
+    torch's SDPA. What the scores cannot express raises ``ValueError``: ``softcap``, attention
+    sinks (``s_aux``, ``sinks``), a sparse key selection (``indices``, ``block_indices``) and
+    paged caches. ``output_attentions=True`` computes the attention explicitly in torch ops and
+    returns its (B, H, L, S) weights, as ``eager`` does.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fastdl attention does not support softcap; use attn_implementation='eager'")
+    for name, what in _REFUSED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"fastdl attention does not support {what} ({name}=); use "
+                             "attn_implementation='eager'")
     if kwargs.get("cache") is not None:
         raise ValueError("fastdl attention does not support paged caches (continuous batching)")
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -67,9 +82,31 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.to(query.dtype)
     enable_gqa = query.shape[1] != key.shape[1]
+    if kwargs.get("output_attentions"):
+        out, weights = _with_weights(query, key, value, attention_mask, dropout, scaling, is_causal)
+        return out.transpose(1, 2).contiguous(), weights
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_weights(query, key, value, mask, dropout, scaling, is_causal):
+    """softmax(Q K^T * scale + mask) V in torch ops, and the weights (B, H, L, S) in the query's
+    dtype (softmax in float32, as ``eager``); dropout on the weights, fully masked rows 0."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-2, -1)).float() * scale
+    if is_causal:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0).to(query.dtype)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, value), weights
 
 
 def _with_bias(bias: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, q_len: int,
@@ -132,4 +169,33 @@ def supports_attention(model: torch.nn.Module) -> str | None:
         return "its attention does not go through transformers' AttentionInterface"
     if not any("attention" in type(m).__name__.lower() for m in model.modules()):
         return "it has no attention layers"
+    if getattr(model, "_supports_sdpa", None) is False:
+        return "transformers marks it as not supporting sdpa, whose contract fastdl's attention follows"
+    special = _special_cases_sdpa(model)
+    if special:
+        return (f"its code ({special}) computes differently when attn_implementation is 'sdpa', "
+                "and would not under another name")
     return None
+
+
+_SDPA_BRANCH = re.compile(r"_attn_implementation\s*(?:==|!=|in|not in)\s*[(\[]?[^:\n]*[\"']sdpa[\"']")
+
+
+def _special_cases_sdpa(model: torch.nn.Module) -> str | None:
+    """The file of a ``transformers`` module in ``model`` whose code branches on the name "sdpa"
+    (it changes what it hands the attention function, or what it computes around it, for sdpa
+    alone: such a model under "fastdl" would not compute what it computes under sdpa), or None."""
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        if name.startswith("transformers.models.") and _branches_on_sdpa(name):
+            return name.rsplit(".", 1)[-1] + ".py"
+    return None
+
+
+@functools.cache
+def _branches_on_sdpa(module_name: str) -> bool:
+    module = sys.modules.get(module_name)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):  # no source file (a frozen or compiled module): nothing to read
+        return False
+    return _SDPA_BRANCH.search(source) is not None

@@ -171,3 +171,83 @@ def test_supports_attention():
                                                                 depths=[1, 1]))
     assert fastdl_hf.supports_attention(bert) is None
     assert "no attention" in fastdl_hf.supports_attention(resnet)
+
+
+def test_supports_attention_refuses_models_sdpa_does_not_cover():
+    """A model transformers keeps off sdpa (GPT-OSS: attention sinks), or whose code computes
+    differently when the implementation is named "sdpa" (DeepSeek-V3.2 folds its top-k key
+    selection into the mask for eager and sdpa alone), is left on its own attention: under
+    "fastdl" it would silently compute something else."""
+    t = transformers
+    gpt_oss = t.GptOssModel(t.GptOssConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+        max_position_embeddings=32))
+    assert "not supporting sdpa" in fastdl_hf.supports_attention(gpt_oss)
+    deepseek = t.DeepseekV32Model(t.DeepseekV32Config(
+        vocab_size=99, hidden_size=32, intermediate_size=37, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=2, n_group=1,
+        topk_group=1, num_experts_per_tok=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        v_head_dim=8, qk_nope_head_dim=8, head_dim=8, index_topk=3, index_head_dim=8, index_n_heads=2,
+        first_k_dense_replace=1, max_position_embeddings=32))
+    assert "modeling_deepseek_v32.py" in fastdl_hf.supports_attention(deepseek)
+    patched, report = fastdl.patch(copy.deepcopy(deepseek).eval(), report=True)
+    assert patched.config._attn_implementation == deepseek.config._attn_implementation
+    assert any("attention not routed" in e.detail for e in report.left)
+    ids = torch.randint(2, 99, (2, 10))  # more tokens than index_topk: the selection matters
+    with torch.no_grad(), fastdl.backend.use("torch"):
+        assert_close("deepseek", patched(input_ids=ids).last_hidden_state,
+                     deepseek.eval()(input_ids=ids).last_hidden_state, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks", "indices", "block_indices", "softcap"])
+def test_arguments_the_kernel_cannot_compute_raise(name):
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=name):
+        fastdl_hf.attention_forward(module, q, q, q, None, **{name: torch.randn(2)})
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_output_attentions_returns_eager_weights(name, backend, device):
+    """A model switched from eager (the implementation that returns attention weights) keeps
+    returning them: output_attentions=True gives eager's weights, outputs and gradients."""
+    cfg = config(name)
+    eager = transformers.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    eager = eager.to(device).eval()
+    patched = fastdl.patch(copy.deepcopy(eager))
+    assert patched.config._attn_implementation == "fastdl"
+    eager = eager.double()  # the reference: eager attention in float64
+    kwargs, _ = inputs(name, device)
+    kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])  # eager averages padded rows
+    with fastdl.backend.use(backend):
+        got = patched(**kwargs, output_attentions=True)
+    want = eager(**kwargs, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == cfg.num_hidden_layers
+    for g, w in zip(got.attentions, want.attentions):
+        assert_close("attention weights", g, w.float(), rtol=RTOL)
+    assert_close("output", got.last_hidden_state, want.last_hidden_state.float(), rtol=RTOL)
+    def loss(out):  # random weights: a plain sum of squares of a LayerNorm output is nearly constant
+        g = torch.Generator().manual_seed(1)
+        return sum((t * torch.randn(t.shape, generator=g).to(device, t.dtype)).sum()
+                   for t in (out.last_hidden_state, *out.attentions))
+
+    grads_got = torch.autograd.grad(loss(got), list(patched.parameters()), allow_unused=True)
+    grads_want = torch.autograd.grad(loss(want), list(eager.parameters()), allow_unused=True)
+    for (n, _), g, w in zip(patched.named_parameters(), grads_got, grads_want):
+        if w is not None and w.abs().max() > 1e-6:  # the key bias's gradient is 0 up to rounding
+            assert_close(f"grad {n}", g, w.to(g.dtype), rtol=RTOL)
+
+
+def test_batch_one_queries_against_a_batched_mask():
+    """Learned queries with batch 1 against batch-B keys and mask, as transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    module = torch.nn.Module()
+    module.is_causal = False
+    q = torch.randn(1, 4, 3, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 4, 5, 8, dtype=torch.float64), torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    mask = torch.rand(2, 1, 3, 5) > 0.3
+    got, _ = fastdl_hf.attention_forward(module, q, k, v, mask)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask)
+    assert got.shape == want.shape == (2, 3, 4, 8)
+    assert_close("output", got, want, rtol=1e-12)

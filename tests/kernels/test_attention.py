@@ -542,3 +542,20 @@ def test_launcher_backward_reads_any_output_layout(backend, device):
     got = attention.attention_bwd(do, q, k, v, strided, lse)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, msg=name)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_batch_one_query_against_batched_keys_and_mask(backend, device, mask_kind):
+    """A batch-1 query (learned queries) against batch-B keys and a batch-B mask broadcasts to
+    batch B, as torch's SDPA (Hugging Face's sdpa attention relies on it)."""
+    q = torch.randn(1, 4, 3, 8, device=device, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, 5, 8, device=device, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(2, 1, 3, 5, device=device) > 0.3
+    if mask_kind == "float":
+        mask = torch.randn(2, 1, 3, 5, device=device, dtype=torch.float64)
+    with fastdl.backend.use("auto"):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.shape == (2, 4, 3, 8)
+    assert_close("output", out, torch_sdpa(q, k, v, attn_mask=mask), rtol=1e-12)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(3, 1, 3, 5, device=device) > 0.3)
