@@ -42,7 +42,9 @@ class PretrainedConfig:
 
     Keys of a ``config.json`` that are not fields (``architectures``, ``id2label``...) are kept
     in ``extra`` and written back by :meth:`to_dict`; ``num_labels`` is derived from
-    ``id2label`` when the file has no explicit count, as ``transformers`` does.
+    ``id2label`` when the file has no explicit count, and a count (``num_labels=5`` passed to
+    ``from_pretrained``) that differs from the map's replaces ``id2label``/``label2id`` with
+    ``LABEL_0`` .. ``LABEL_{n-1}``, as ``transformers`` does.
     """
 
     model_type: ClassVar[str] = ""
@@ -56,8 +58,17 @@ class PretrainedConfig:
         if model_type not in (None, "", cls.model_type):
             raise ValueError(f"{cls.__name__} expects model_type {cls.model_type!r}; the config says "
                              f"{model_type!r}")
-        if "num_labels" not in values and isinstance(values.get("id2label"), dict):
-            values["num_labels"] = len(values["id2label"])
+        id2label = values.get("id2label")
+        if isinstance(id2label, dict):
+            if "num_labels" not in values:
+                values["num_labels"] = len(id2label)
+            elif values["num_labels"] != len(id2label):
+                # As transformers' num_labels setter: a count other than the map's replaces the
+                # names with LABEL_0 .. LABEL_{n-1} (an override, or a file contradicting itself).
+                count = values["num_labels"]
+                if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                    values["id2label"] = {str(i): f"LABEL_{i}" for i in range(count)}
+                    values["label2id"] = {f"LABEL_{i}": i for i in range(count)}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names and k != "model_type"}
@@ -194,6 +205,11 @@ class PretrainedModel(torch.nn.Module):
         """Our name for a checkpoint key (None drops it)."""
         return rename_legacy_layer_norm(key)
 
+    def _prepare_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint's state_dict before its keys are renamed one by one (``_hf_key``): a model
+        whose entries depend on one another (aliases of a tied weight) rewrites them here."""
+        return state
+
     # -- public API -----------------------------------------------------------------------------
 
     @classmethod
@@ -264,7 +280,7 @@ class PretrainedModel(torch.nn.Module):
         """Copy a Hugging Face state_dict into this model (see the module docstring)."""
         ignored: list[str] = []
         renamed: dict[str, torch.Tensor] = {}
-        for key, value in state.items():
+        for key, value in self._prepare_hf_state(state).items():
             ours = self._hf_key(key)
             if ours is None:
                 ignored.append(key)

@@ -34,6 +34,7 @@ count); ``unpad=True`` there breaks the graph at ``nonzero``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -171,7 +172,7 @@ class BertSelfAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | PackedSequences | None) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(mask, PackedSequences):  # x: (tokens, hidden) of packed sequences
-            q, k, v = (proj(x).view(x.shape[0], self.num_heads, -1)
+            q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1))  # (tokens, heads, head_dim); 0 tokens too
                        for proj in (self.query, self.key, self.value))
             out = F.varlen_attention(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
                                      mask.max_seqlen, dropout_p=dropout_p)
@@ -344,8 +345,28 @@ class BertPreTrainedModel(PretrainedModel):
         if key.endswith("embeddings.position_ids") or key.endswith("embeddings.token_type_ids"):
             return None  # buffers derived from the config
         if self.config.tie_word_embeddings and ".predictions.decoder." in key:
-            return None  # the word embeddings, and the same tensor as predictions.bias
+            # The word embeddings, and predictions.bias (_prepare_hf_state moved its value there).
+            return None
         return key
+
+    def _prepare_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With tied embeddings, Hugging Face's MLM decoder bias is predictions.bias under another
+        name; a checkpoint may store either (older ones the decoder's). Hugging Face's logits add
+        ``decoder.bias``: when both are stored with different values it does not tie them (and
+        warns), so ``decoder.bias`` is the one taken here too, with a warning."""
+        if not self.config.tie_word_embeddings:
+            return state
+        state = dict(state)
+        for key in [k for k in state if k.endswith(".predictions.decoder.bias")]:
+            alias = key.removesuffix(".decoder.bias") + ".bias"
+            decoder_bias = state[key]
+            other = state.get(alias)
+            if other is not None and not (other.shape == decoder_bias.shape
+                                          and torch.equal(other.to(decoder_bias.dtype), decoder_bias)):
+                warnings.warn(f"the checkpoint holds {alias} and {key} with different values; the MLM logits "
+                              f"use {key}, as in Hugging Face (which then does not tie them)", stacklevel=4)
+            state[alias] = decoder_bias
+        return state
 
 
 def _check_input_ids(input_ids: torch.Tensor) -> None:
@@ -353,6 +374,18 @@ def _check_input_ids(input_ids: torch.Tensor) -> None:
         raise TypeError("input_ids must be an int64 or int32 tensor")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}")
+
+
+def _token_labels(labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token ``labels`` of any shape holding one entry per token ((B, S), (B * S,), (B, S, 1):
+    Hugging Face flattens them with ``labels.view(-1)``) as input_ids' (B, S)."""
+    _check_input_ids(input_ids)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.numel() != input_ids.numel():
+        raise ValueError(f"labels must have one entry per token of input_ids {tuple(input_ids.shape)} "
+                         f"({input_ids.numel()} in all); got shape {tuple(labels.shape)}")
+    return labels.reshape(input_ids.shape)
 
 
 class BertModel(BertPreTrainedModel):
@@ -426,9 +459,10 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the masked-language-model head. ``labels`` (B, S), -100 where not scored: the
-    loss comes from the fused linear + cross-entropy (no logits behind it); ``return_logits=False``
-    also skips the (B, S, vocab) logits of the output (``logits`` is then None)."""
+    """BERT with the masked-language-model head. ``labels`` (B, S) (or any shape with B * S entries,
+    as Hugging Face), -100 where not scored: the loss comes from the fused linear + cross-entropy
+    (no logits behind it); ``return_logits=False`` also skips the (B, S, vocab) logits of the
+    output (``logits`` is then None)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -440,6 +474,8 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 *, labels: torch.Tensor | None = None, return_logits: bool = True) -> MaskedLMOutput:
+        if labels is not None:
+            labels = _token_labels(labels, input_ids)
         hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                            token_labels=labels).last_hidden_state
         logits = self.cls(hidden) if return_logits or labels is None else None
@@ -466,6 +502,8 @@ class BertForPreTraining(BertPreTrainedModel):
                 next_sentence_label: torch.Tensor | None = None,
                 return_logits: bool = True) -> PreTrainingOutput:
         with_loss = labels is not None and next_sentence_label is not None
+        if with_loss:
+            labels = _token_labels(labels, input_ids)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         token_labels=labels if with_loss else None)
         prediction_logits = (self.cls.predictions(out.last_hidden_state) if return_logits or not with_loss

@@ -42,7 +42,7 @@ class Seq2SeqTransformer(torch.nn.Module):
         max_len: longest source or target sequence (size of the sinusoid table).
         pad_id: padding token id (its embedding is zero and gets no gradient), or None. When
             given, ``forward`` and ``generate`` derive the key-padding masks from it if none are
-            passed.
+            passed; target position 0 (the start token, which may be ``pad_id``) is never padding.
 
     Initialisation: embeddings ~ N(0, d_model^-0.5), so that after the sqrt(d_model) scale the
     token vectors have unit variance; the Transformer's matrices Xavier-uniform (torch's own).
@@ -109,6 +109,16 @@ class Seq2SeqTransformer(torch.nn.Module):
             return mask.bool()
         return tokens == self.pad_id if self.pad_id is not None else None
 
+    def _target_padding(self, tgt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The target's key-padding mask: as :meth:`_padding`, except that a derived mask never
+        hides position 0, the start token, which may be ``pad_id`` itself (T5 starts its decoder
+        from the pad token): ``generate`` attends to it, so teacher forcing must too."""
+        if mask is not None or self.pad_id is None:
+            return self._padding(tgt, mask)
+        padding = tgt == self.pad_id
+        padding[:, :1] = False
+        return padding
+
     def encode(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """memory (B, S, d_model)."""
         return self.transformer.encoder(self._embed(src, self.src_embedding, "src"),
@@ -121,7 +131,7 @@ class Seq2SeqTransformer(torch.nn.Module):
         length = tgt.shape[-1]
         causal = torch.ones(length, length, dtype=torch.bool, device=tgt.device).triu(1)  # True = hidden
         out = self.transformer.decoder(self._embed(tgt, self.tgt_embedding, "tgt"), memory, tgt_mask=causal,
-                                       tgt_key_padding_mask=self._padding(tgt, tgt_key_padding_mask),
+                                       tgt_key_padding_mask=self._target_padding(tgt, tgt_key_padding_mask),
                                        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=True)
         return TF.linear(out, self.tgt_embedding.weight)
 
@@ -131,7 +141,10 @@ class Seq2SeqTransformer(torch.nn.Module):
                 tgt_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, T, tgt_vocab): position t predicts tgt[:, t + 1].
 
-        Masks are (B, S) / (B, T) with True at padding; None derives them from ``pad_id``.
+        Masks are (B, S) / (B, T) with True at padding; None derives them from ``pad_id``. tgt starts
+        with the start token at position 0 (right padding), which a derived mask never hides, even
+        when it is ``pad_id`` (``bos_id == pad_id``, T5's convention): ``generate`` feeds the same
+        prefix, so both compute the same function of it.
         """
         memory_mask = self._padding(src, src_key_padding_mask)
         memory = self.encode(src, memory_mask)

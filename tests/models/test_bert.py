@@ -192,6 +192,30 @@ def test_masked_lm_fused_loss_without_logits(torch_path):
         ours(ids, mask, types, labels=labels[:, :-1])
 
 
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_mlm_labels_of_any_shape_with_one_entry_per_token(backend, device, name):
+    """Hugging Face flattens the MLM labels (labels.view(-1)): (B, S), (B * S,) and (B, S, 1) give
+    its loss on every backend, unpadded (which tests the labels against the mask) or not;
+    another count raises ValueError naming labels."""
+    hf = hf_model(name, num_hidden_layers=1)
+    ours = PAIRS[name][1].from_hf(hf).to(device)
+    ids, mask, types = batch(b=3, s=6)
+    labels = torch.where(torch.rand(ids.shape) < 0.5, ids, -100).masked_fill(mask == 0, -100)
+    labels[0, 0] = 5
+    extra = {"next_sentence_label": torch.tensor([0, 1, 1])} if name == "BertForPreTraining" else {}
+    expected = reference(hf)(ids, mask, types, labels=labels.reshape(-1), **extra).loss
+    ids, mask, types = ids.to(device), mask.to(device), types.to(device)
+    extra = {k: v.to(device) for k, v in extra.items()}
+    for unpad in (None, True, False):
+        ours.config.unpad = unpad
+        for shape in ((3, 6), (18,), (3, 6, 1), (1, 18)):
+            loss = ours(ids, mask, types, labels=labels.reshape(shape).to(device), **extra).loss
+            assert_close(f"loss, unpad={unpad}, labels {shape}", loss.cpu(), expected, rtol=RTOL)
+        for bad in (labels[:, :-1], labels.reshape(-1)[:-1], labels[None].expand(2, -1, -1)):
+            with pytest.raises(ValueError, match="labels"):
+                ours(ids, mask, types, labels=bad.to(device), **extra)
+
+
 def test_unpadded_encoder_equals_padded(backend, device):
     """unpad=True (padding dropped after the embeddings, varlen attention, layout restored) gives
     the padded path's outputs and gradients at every real token; padded positions are 0."""
@@ -253,6 +277,44 @@ def test_unpad_falls_back_where_padding_is_read(backend, device, monkeypatch):
     ours = BertForPreTraining.from_hf(hf).to(device)
     ours(ids, mask, types, labels=labels.masked_fill(mask == 0, -100), next_sentence_label=nsp)
     assert calls == ([] if backend == "torch" else [1])
+
+
+def test_unpadded_rows_without_tokens(backend, device, monkeypatch):
+    """Unpadded mode (unpad=True on the torch path, the automatic choice on the kernels) on an
+    attention_mask without a single token, and on a batch mixing an all-padding row with real
+    ones: the call succeeds with the padded path's shapes, the encoder output is 0 at padded
+    positions (as documented), and the real tokens' logits and the MLM loss equal the padded
+    path's and Hugging Face's."""
+    hf = hf_model("BertForMaskedLM", num_hidden_layers=1)
+    padded = BertForMaskedLM.from_hf(hf).to(device)
+    padded.config.unpad = False
+    unpadded = BertForMaskedLM.from_hf(hf).to(device)
+    unpadded.config.unpad = True if backend == "torch" else None
+    calls = []
+    real_unpad = fastdl.models.bert.unpad_indices
+    monkeypatch.setattr(fastdl.models.bert, "unpad_indices", lambda m: calls.append(1) or real_unpad(m))
+    ids, mask, types = batch(b=3, s=8)
+    mask[1] = 0  # row 1: padding only; row 0 full, row 2 padded at the end
+    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask, types = ids.to(device), mask.to(device), types.to(device)
+
+    empty = torch.zeros_like(mask)
+    out = unpadded(ids, empty, types)
+    assert calls == [1]  # unpadded mode ran (no fallback to the padded path)
+    assert out.logits.shape == padded(ids, empty, types).logits.shape == (3, 8, 99)
+    hidden = unpadded.bert(ids, empty, types).last_hidden_state
+    assert hidden.shape == (3, 8, 32) and torch.equal(hidden, torch.zeros_like(hidden))
+
+    labels = torch.where(torch.rand(ids.shape, device=device) < 0.5, ids, -100).masked_fill(mask == 0, -100)
+    labels[0, 0] = 7
+    out = unpadded(ids, mask, types, labels=labels)
+    assert len(calls) == 3
+    real = mask.bool()
+    expected = padded(ids, mask, types, labels=labels)
+    hf_out = reference(hf)(ids.cpu(), mask.cpu(), types.cpu(), labels=labels.cpu())
+    assert_close("logits vs the padded path", out.logits[real], expected.logits[real], rtol=RTOL)
+    assert_close("logits vs Hugging Face", out.logits[real].cpu(), hf_out.logits[real.cpu()], rtol=RTOL)
+    assert_close("loss vs Hugging Face", out.loss.cpu(), hf_out.loss, rtol=RTOL)
 
 
 def test_from_hf_keeps_device_dtype_and_training_flag(torch_path):
@@ -430,6 +492,73 @@ def test_untied_decoder(torch_path, tmp_path):
     assert decoder.data_ptr() != embeddings.data_ptr()
     ids, mask, types = batch()
     compare_outputs(ours(ids, mask, types), reference(hf)(ids, mask, types))
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+@pytest.mark.parametrize("stored", ["decoder.bias only", "both, different values"])
+def test_mlm_bias_stored_under_the_decoder_alias(torch_path, tmp_path, name, stored):
+    """With tied embeddings Hugging Face's cls.predictions.decoder.bias is cls.predictions.bias;
+    older checkpoints store the decoder's name. The logits equal those of Hugging Face's model
+    loaded from the same file -- which, given both names with different values, does not tie
+    them and adds decoder.bias (fastdl warns and does the same)."""
+    hf = hf_model(name)
+    hf.save_pretrained(tmp_path)
+    decoder_bias = torch.randn(99)
+
+    def edit(state):
+        bias = state.pop("cls.predictions.bias")
+        state["cls.predictions.decoder.bias"] = decoder_bias
+        if stored != "decoder.bias only":
+            state["cls.predictions.bias"] = bias
+
+    _edit_checkpoint(tmp_path, edit)
+    ref = PAIRS[name][0].from_pretrained(tmp_path).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, info = PAIRS[name][1].from_pretrained(tmp_path, output_loading_info=True)
+    ids, mask, types = batch()
+    compare_outputs(ours(ids, mask, types), reference(ref)(ids, mask, types), mask)
+    assert torch.equal(ours.cls.predictions.bias, decoder_bias)
+    messages = [str(w.message) for w in caught]
+    assert not info.missing_keys and not info.newly_initialized, messages
+    assert any("different values" in m for m in messages) == (stored != "decoder.bias only"), messages
+
+
+def test_num_labels_override_rebuilds_the_label_names(torch_path, tmp_path):
+    """from_pretrained(..., num_labels=5) on a checkpoint whose config names 3 labels: the config,
+    and the config.json save_pretrained writes, carry transformers' LABEL_0 .. LABEL_4 (the
+    stale 3 names go); with the checkpoint's own count the names stay."""
+    hf = hf_model("BertForSequenceClassification", num_labels=3)
+    hf.config.id2label = {0: "neg", 1: "neutral", 2: "pos"}
+    hf.config.label2id = {"neg": 0, "neutral": 1, "pos": 2}
+    hf.bert.save_pretrained(tmp_path / "backbone")  # the encoder's config keeps the 3 names
+
+    def labels_of(config):
+        return ({int(k): v for k, v in config["id2label"].items()},
+                {k: int(v) for k, v in config["label2id"].items()})
+
+    for num_labels in (5, 2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the classifier is new (and transformers' count warning)
+            ours = BertForSequenceClassification.from_pretrained(tmp_path / "backbone", num_labels=num_labels)
+            ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "backbone",
+                                                                             num_labels=num_labels)
+        expected = (ref.config.id2label, ref.config.label2id)
+        assert ours.config.num_labels == ref.config.num_labels == num_labels
+        assert labels_of(ours.config.extra) == expected
+        saved = tmp_path / f"saved{num_labels}"
+        ours.save_pretrained(saved)
+        written = json.loads((saved / "config.json").read_text())
+        assert written["num_labels"] == num_labels and labels_of(written) == expected
+        assert transformers.AutoConfig.from_pretrained(saved).id2label == ref.config.id2label
+        assert ours.classifier.out_features == num_labels
+    assert expected[0] == {0: "neg", 1: "neutral", 2: "pos"}  # same count: the names stay
+    with pytest.warns(UserWarning, match="classifier"):  # from_hf takes the override the same way
+        converted = BertForSequenceClassification.from_hf(hf.bert, num_labels=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_config = transformers.BertConfig.from_dict(hf.bert.config.to_dict(), num_labels=4)
+    assert labels_of(converted.config.extra) == (ref_config.id2label, ref_config.label2id)
 
 
 def test_bad_inputs(torch_path):

@@ -97,6 +97,35 @@ def test_generate_matches_a_greedy_loop(backend, device):
     assert model.generate(src, 3, bos_id=1).shape == (3, 4)  # no eos: exactly max_new_tokens
 
 
+def test_bos_equal_to_pad_trains_what_generate_decodes(backend, device):
+    """bos_id == pad_id (T5's convention: the decoder starts from the pad token). The start token
+    at position 0 is not padding: teacher forcing on generate's output gives the logits of
+    torch.nn.Transformer with the same weights attending to it (no target padding mask, as
+    generate feeds the prefix), and generate's tokens are that reference's greedy choices."""
+    model = Seq2SeqTransformer(**SMALL).to(device).eval()  # pad_id = 0
+    src = tokens(3, 6, 23, pad_from=4).to(device)
+    src[0, 2] = 0  # padding inside a row too
+    out = model.generate(src, 4, bos_id=0)
+    assert torch.all(out[:, 0] == 0) and out.shape == (3, 5)
+    with torch.no_grad():
+        logits = model(src, out[:, :-1])  # what training on these targets computes
+
+        ref = torch.nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                   dim_feedforward=24, dropout=0.0, batch_first=True)
+        ref.load_state_dict(model.transformer.state_dict())
+        ref = ref.double().eval()
+        scale, positions = math.sqrt(16), model.positions.double().cpu()
+        src_emb = model.src_embedding.weight.double().cpu()
+        tgt_emb = model.tgt_embedding.weight.double().cpu()
+        ys, src_cpu = out[:, :-1].cpu(), src.cpu()
+        causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
+        hidden = ref(src_emb[src_cpu] * scale + positions[:6], tgt_emb[ys] * scale + positions[:4],
+                     tgt_mask=causal, src_key_padding_mask=src_cpu == 0, memory_key_padding_mask=src_cpu == 0)
+        expected = hidden @ tgt_emb.T
+    assert_close("teacher-forced logits", logits.cpu(), expected, rtol=1e-5)
+    assert torch.equal(out[:, 1:].cpu(), expected.argmax(-1))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from intra-op threads, and on a shared CPU extra threads make
