@@ -49,21 +49,27 @@ def _cross_entropy_chunk_torch(logits: torch.Tensor, target: torch.Tensor, ignor
     overwrites ``logits``."""
     n, vocab = logits.shape
     x = logits.to(loss.dtype)  # the logits themselves when already in the accumulation dtype
-    lse = torch.logsumexp(x, dim=1)
-    smooth_term = smoothing * (lse - x.mean(dim=1)) if smoothing else 0.0
+    # log-softmax as (x - max) - log(sum exp(x - max)), as torch's: lse = max + log(...) first
+    # would round the loss to the ulp of the largest logit.
+    m = x.amax(dim=1, keepdim=True)
+    log_d = torch.exp(x - m).sum(dim=1).log()
+    m = m[:, 0]
+    smooth_term = smoothing * (log_d - (x - m[:, None]).mean(dim=1)) if smoothing else 0.0
     if target.dim() == 2:
         q = target.to(loss.dtype)
         q_sum = q.sum(dim=1)
-        loss.copy_((1.0 - smoothing) * (q_sum * lse - (q * x).sum(dim=1)) + smooth_term)
+        loss.copy_((1.0 - smoothing) * (q_sum * log_d - (q * (x - m[:, None])).sum(dim=1)) + smooth_term)
     else:
         ignored = target == ignore_index
         t = torch.where(ignored, 0, target)[:, None]
         x_t = x.gather(1, t)[:, 0]
-        loss.copy_(torch.where(ignored, 0.0, (1.0 - smoothing) * (lse - x_t) + smooth_term))
+        loss.copy_(torch.where(ignored, 0.0, (1.0 - smoothing) * ((m - x_t) + log_d) + smooth_term))
     if grad_scale is None:
         return
     g = grad_scale.to(loss.dtype).expand(n)
-    dx = x.sub_(lse[:, None]).exp_() if x is logits else torch.exp(x - lse[:, None])  # softmax, in place
+    inv_d = torch.exp(-log_d)[:, None]
+    # the softmax, in place when x is the logits
+    dx = x.sub_(m[:, None]).exp_().mul_(inv_d) if x is logits else torch.exp(x - m[:, None]) * inv_d
     if target.dim() == 2:
         q_total = (1.0 - smoothing) * q_sum + smoothing
         dx.mul_(q_total[:, None]).sub_((1.0 - smoothing) * q + smoothing / vocab)
