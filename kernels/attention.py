@@ -15,13 +15,15 @@ into one multiply, so the exponentials are ``exp2`` -- with a running row maximu
     p     = exp2(s - m')
     l     = l * exp2(m - m') + rowsum(p)
     acc   = acc * exp2(m - m') + dropout(p) v
-    o     = acc / l,     lse = (m + log2(l)) * ln(2)       (natural-log logsumexp per row)
+    o     = acc / l,     lse = m + log2(l)                 (base-2 logsumexp of log2(e) * scores)
 
 Everything accumulates in float32; o is written once; the L x S score matrix never reaches memory.
 Key tiles wholly inside S (and, when causal, wholly left of the query tile's first row) skip the
 column and causal tests: only the boundary tiles pay for them.
-Saved for the backward: o and lse, (B, H, L) float32. Rows whose keys are all masked have l = 0:
-their output is 0 and their lse is -inf (the backward treats it as "nothing attended").
+Saved for the backward: o and lse, (B, H, L) float32, kept in base 2 (a conversion to natural log
+and back would move lse by an ulp of m: at a row max of 1e4 a recomputed P of 1 came back 1 +- 7e-4).
+Rows whose keys are all masked have l = 0: their output is 0 and their lse is -inf (the backward
+treats it as "nothing attended").
 With ``is_causal`` (top-left aligned, as torch: row i attends columns j <= i, also when L != S)
 key tiles entirely right of a query tile are never loaded.
 
@@ -41,7 +43,7 @@ nothing is stored, and the host never reads the seed. (Varlen: counter ``... + k
 // 4``, lane ``(j - k_lo) % 4``, with k_lo the sequence's first key, where every kernel's key tiles
 start.)
 
-Backward, with P = exp2(s - lse * log2(e)) recomputed tile by tile from q, k and the saved lse,
+Backward, with P = exp2(s - lse) recomputed tile by tile from q, k and the saved lse,
 Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
 
     delta = rowsum(dO * O)                      preprocessing pass, (B, H, L) float32
@@ -97,7 +99,6 @@ from .utils import (PER_CALL_ARGS, autotune, check_grid, dropout_counters, dropo
                     gpu_capability, grid_2d)
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 # Float-mask values are clamped to this before the log2(e) scaling, so finfo(float32).min stays
 # finite (it would overflow to -inf): an all-"min" row then averages V as torch's math does. It is
 # the lowest float32 whose log2(e) multiple is finite: values above it keep their differences
@@ -507,7 +508,7 @@ def _attn_fwd_kernel(
     out = acc * (keep_scale / l_safe)[:, None]
     o_ptrs = OUT + b64 * sob + h.to(tl.int64) * soh + rows_m[:, None] * sol + offs_o[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < HEAD_DIM_V))
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=_first_chunk(row_ok, offs_m, chunk, CHUNKS))
 
 
@@ -535,11 +536,11 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L
 
 @triton.jit
 def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
-    """lse in base 2 and delta for query rows offs_m of (.., L) rows. Rows past q_hi, and fully
+    """lse (base 2) and delta for query rows offs_m of (.., L) rows. Rows past q_hi, and fully
     masked rows (lse = -inf), get lse = +inf, which makes every P of the row exp2(s - inf) = 0."""
     row_ok = offs_m < q_hi
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     return lse, delta
 
@@ -876,8 +877,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     (added to the scores), broadcastable to (B, H, L, S). ``scale`` defaults to 1 / sqrt(D).
     ``out`` (B, H, L, Dv), if given, receives the output.
 
-    Returns o (B, H, L, Dv) in q's dtype and lse (B, H, L) float32 (natural log; -inf for fully
-    masked rows, whose output is 0).
+    Returns o (B, H, L, Dv) in q's dtype and lse (B, H, L) float32, the rows' logsumexp in base 2
+    (log2 of sum_j 2^(log2(e) * score_ij): the natural one times log2(e); -inf for fully masked rows,
+    whose output is 0).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
@@ -1029,7 +1031,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     max_seqlen_k. ``is_causal``: bottom-right aligned per sequence (query row i of a sequence of
     L queries and S keys attends keys j <= i + S - L). Rows outside every sequence get 0.
 
-    Returns o (Tq, H, Dv) in q's dtype and lse (H, Tq) float32 (-inf where nothing is attended).
+    Returns o (Tq, H, Dv) in q's dtype and lse (H, Tq) float32, base 2 as :func:`attention_fwd`'s
+    (-inf where nothing is attended).
     """
     qp, kp, vp = (_packed_view(t) for t in (q, k, v))
     _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
