@@ -207,10 +207,11 @@ def register_norm(cls: type | str, kind: str, eps_attr: str = "eps") -> None:
     NORMS[name] = NormSpec(kind, eps_attr)
 
 
-class _ModelRMSNorm(fnn.RMSNorm):
-    """fastdl's RMSNorm standing in for a model's own norm class. An input of another dtype than
-    the weight runs that class's forward: models set their own output dtype there (Llama's
-    promotes input and weight, T5's casts to a half-precision weight's dtype), not torch's."""
+class _ModelDtypeRule:
+    """Mixed into fastdl's norms standing in for a model's own norm class. An input of another
+    dtype than the weight runs that class's forward (``_model_forward``): models set their own
+    output dtype there (Llama's promotes input and weight, T5's casts to a half-precision
+    weight's dtype), not torch's."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dtype != self.weight.dtype:
@@ -218,13 +219,12 @@ class _ModelRMSNorm(fnn.RMSNorm):
         return super().forward(input)
 
 
-class _ModelLayerNorm(fnn.LayerNorm):
-    """fastdl's LayerNorm standing in for a model's own norm class (see :class:`_ModelRMSNorm`)."""
+class _ModelRMSNorm(_ModelDtypeRule, fnn.RMSNorm):
+    pass
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dtype != self.weight.dtype:
-            return self._model_forward(self, input)
-        return super().forward(input)
+
+class _ModelLayerNorm(_ModelDtypeRule, fnn.LayerNorm):
+    pass
 
 
 # Relative error allowed between a registered norm and fastdl's on the self-check input.
