@@ -16,12 +16,16 @@ into one multiply, so the exponentials are ``exp2`` -- with a running row maximu
     l     = l * exp2(m - m') + rowsum(p)
     acc   = acc * exp2(m - m') + dropout(p) v
     o     = acc / l,     lse = m + log2(l)                 (base-2 logsumexp of log2(e) * scores)
+                         lse_lo = (m + log2(l)) - lse      (its rounding error, exactly: two-sum)
 
 Everything accumulates in float32; o is written once; the L x S score matrix never reaches memory.
 Key tiles wholly inside S (and, when causal, wholly left of the query tile's first row) skip the
 column and causal tests: only the boundary tiles pay for them.
-Saved for the backward: o and lse, (B, H, L) float32, kept in base 2 (a conversion to natural log
-and back would move lse by an ulp of m: at a row max of 1e4 a recomputed P of 1 came back 1 +- 7e-4).
+Saved for the backward: o and the row statistics (lse, lse_lo), (B, H, 2, L) float32, kept in base
+2 (a conversion to natural log and back would move lse by an ulp of m: at a row max of 1e4 a
+recomputed P of 1 came back 1 +- 7e-4). lse_lo carries what lse cannot hold: in a row masked
+throughout by finfo.min, m is about -1.4e38 and log2(l) is far below its ulp; P = exp2(s - lse)
+alone would come back 1 instead of 1 / l, gradients l times too large.
 Rows whose keys are all masked have l = 0: their output is 0 and their lse is -inf (the backward
 treats it as "nothing attended").
 With ``is_causal`` (top-left aligned, as torch: row i attends columns j <= i, also when L != S)
@@ -31,9 +35,8 @@ Masks are read through their strides, broadcast to (B, H, L, S): a (B, 1, 1, S) 
 stride 0 on the head and row axes and costs S values per batch. Boolean masks keep True entries;
 float masks are added to the scores. Float-mask values below -1e38 (finfo(float32).min, as
 Hugging Face builds masks) are clamped to -1e38 so that they stay finite after the scaling by
-log2(e): a row masked throughout by such values averages V, as torch's arithmetic does. (Its
-gradient, recomputed from the logsumexp, then matches torch's fused kernels rather than an
-explicit softmax: at that magnitude log(row length) is below float32 resolution.)
+log2(e): a row masked throughout by such values averages V, as torch's arithmetic does, and its
+gradient is that average's (through lse_lo).
 
 Dropout drops entries of the normalised probabilities P with a counter-based generator
 (``dropout_keep``): element (i, j) of head b * H + h uses lane j % 4 of Philox counter
@@ -43,7 +46,7 @@ nothing is stored, and the host never reads the seed. (Varlen: counter ``... + k
 // 4``, lane ``(j - k_lo) % 4``, with k_lo the sequence's first key, where every kernel's key tiles
 start.)
 
-Backward, with P = exp2(s - lse) recomputed tile by tile from q, k and the saved lse,
+Backward, with P = exp2((s - lse) - lse_lo) recomputed tile by tile from q, k and the saved lse,
 Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
 
     delta = rowsum(dO * O)                      preprocessing pass, (B, H, L) float32
@@ -508,8 +511,18 @@ def _attn_fwd_kernel(
     out = acc * (keep_scale / l_safe)[:, None]
     o_ptrs = OUT + b64 * sob + h.to(tl.int64) * soh + rows_m[:, None] * sol + offs_o[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < HEAD_DIM_V))
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=_first_chunk(row_ok, offs_m, chunk, CHUNKS))
+    # lse = m + log2(l) and its rounding error, exactly (Knuth's two-sum): where |m| is large -- a
+    # row masked throughout by finfo.min -- log2(l) is below the resolution of m and lives on in
+    # ``lse_lo`` alone, so the backward's P = exp2(s - lse - lse_lo) still sums to 1.
+    log_l = tl.math.log2(l_safe)
+    lse = m_i + log_l
+    part = lse - m_i
+    lse_lo = (m_i - (lse - part)) + (log_l - part)
+    empty = l_i == 0.0
+    stats = LSE + bh.to(tl.int64) * (2 * L) + offs_m
+    store_ok = _first_chunk(row_ok, offs_m, chunk, CHUNKS)
+    tl.store(stats, tl.where(empty, float("-inf"), lse), mask=store_ok)
+    tl.store(stats + L, tl.where(empty, 0.0, lse_lo), mask=store_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,13 +549,16 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L
 
 @triton.jit
 def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
-    """lse (base 2) and delta for query rows offs_m of (.., L) rows. Rows past q_hi, and fully
-    masked rows (lse = -inf), get lse = +inf, which makes every P of the row exp2(s - inf) = 0."""
+    """lse (base 2), its remainder lse_lo and delta for query rows offs_m of (.., 2, L) statistics
+    and (.., L) deltas. Rows past q_hi, and fully masked rows (lse = -inf), get lse = +inf, which
+    makes every P of the row exp2(s - inf) = 0."""
     row_ok = offs_m < q_hi
-    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    stats = LSE + bh.to(tl.int64) * (2 * L) + offs_m
+    lse = tl.load(stats, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse_lo = tl.load(stats + L, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    return lse, delta
+    return lse, lse_lo, delta
 
 
 @triton.jit
@@ -565,7 +581,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < q_hi
         rows_m = offs_m.to(tl.int64)
-        lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
+        lse, lse_lo, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
 
         if BLOCK_DK == BLOCK_D:
             qt = _load_rows_t(Qh, rows_m, row_ok, sql, tl.arange(0, BLOCK_D), HEAD_DIM)
@@ -575,7 +591,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n,
                            rows_m, row_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         st = _scores(st * qk_scale, rows_m[None, :], rows_n[:, None], b, h, q_hi, k_hi, shift, MASK, smb, smh,
                      sml, sms, False, CHECK_CAUSAL, MASK_KIND)
-        pt = tl.math.exp2(st - lse[None, :])
+        pt = tl.math.exp2((st - lse[None, :]) - lse_lo[None, :])
         if BLOCK_DVK == BLOCK_DV:
             do = _load_rows(DOh, rows_m, row_ok, sdol, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -683,9 +699,9 @@ def _attn_bwd_kv_kernel(
 
 
 @triton.jit
-def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, lo, hi, rows_m, offs_o, chunk, b, h, bh,
-                 L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms, qk_scale,
-                 threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, CHECK_COLS: tl.constexpr,
+def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, lse_lo, delta, K, V, lo, hi, rows_m, offs_o, chunk,
+                 b, h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms,
+                 qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, CHECK_COLS: tl.constexpr,
                  CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -706,7 +722,7 @@ def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, lo, hi, rows
                           rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         s = _scores(s * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
                     sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])
         if BLOCK_DVK == BLOCK_DV:
             vt = _load_rows_t(V, rows_n, col_ok, svs, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
             dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -772,22 +788,22 @@ def _attn_bwd_q_kernel(
         q = _load_rows(Qm, rows_m, row_ok, sql, tl.arange(0, BLOCK_D), HEAD_DIM)
     if BLOCK_DVK == BLOCK_DV:
         do = _load_rows(DOm, rows_m, row_ok, sdol, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
-    lse, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
+    lse, lse_lo, delta = _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi)
     K += b64 * skb + h_kv.to(tl.int64) * skh
     V += b64 * svb + h_kv.to(tl.int64) * svh
     dq = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
 
     full, hi = _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, k_lo, full, rows_m, offs_o, chunk, b,
-                      h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms,
-                      qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, False, False, MASK_KIND,
-                      HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK,
-                      BLOCK_DVK, BLOCK_DO, CHUNKS)
-    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, delta, K, V, full, hi, rows_m, offs_o, chunk, b,
-                      h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb, smh, sml, sms,
-                      qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, True, IS_CAUSAL, MASK_KIND,
-                      HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK,
-                      BLOCK_DVK, BLOCK_DO, CHUNKS)
+    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, lse_lo, delta, K, V, k_lo, full, rows_m,
+                      offs_o, chunk, b, h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb,
+                      smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                      False, False, MASK_KIND, HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, CHUNKS)
+    dq = _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, lse_lo, delta, K, V, full, hi, rows_m,
+                      offs_o, chunk, b, h, bh, L, S, q_hi, k_hi, shift, sql, sdol, sdsl, sks, svs, MASK, smb,
+                      smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                      True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, MASK_GRAD, PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, CHUNKS)
 
     dq_ptrs = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + rows_m[:, None] * sdql + offs_o[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -877,21 +893,29 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     (added to the scores), broadcastable to (B, H, L, S). ``scale`` defaults to 1 / sqrt(D).
     ``out`` (B, H, L, Dv), if given, receives the output.
 
-    Returns o (B, H, L, Dv) in q's dtype and lse (B, H, L) float32, the rows' logsumexp in base 2
-    (log2 of sum_j 2^(log2(e) * score_ij): the natural one times log2(e); -inf for fully masked rows,
-    whose output is 0).
+    Returns o (B, H, L, Dv) in q's dtype and lse (B, H, 2, L) float32: [:, :, 0] the rows'
+    logsumexp in base 2 (log2 of sum_j 2^(log2(e) * score_ij): the natural one times log2(e); -inf
+    for fully masked rows, whose output is 0), [:, :, 1] its float32 rounding error (the exact
+    logsumexp is their sum; the backward needs both where the row max is huge).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
     scale = default_scale(D) if scale is None else float(scale)
     o = _alloc((B, H, L, DV), q.dtype, q.device) if out is None else out
-    lse = _alloc((B, H, L), torch.float32, q.device)
+    lse = _alloc((B, H, 2, L), torch.float32, q.device)
     if o.numel() == 0:
-        return o, lse.fill_(float("-inf"))
+        return o, _nothing_attended(lse)
     if S == 0:  # nothing to attend: every row is fully masked
-        return o.zero_(), lse.fill_(float("-inf"))
+        return o.zero_(), _nothing_attended(lse)
     _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, None)
     return o, lse
+
+
+def _nothing_attended(stats: torch.Tensor) -> torch.Tensor:
+    """(.., 2, L) row statistics of rows that attend nothing: lse -inf, remainder 0."""
+    stats[..., 0, :] = float("-inf")
+    stats[..., 1, :] = 0.0
+    return stats
 
 
 def _launch_fwd(q, k, v, o, lse, attn_mask, is_causal, scale, dropout_p, seed, varlen):
@@ -927,7 +951,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Gradients of :func:`attention_fwd`, recomputing the scores from q, k and the saved lse.
 
     do, o (B, H, L, Dv); q, k, v, attn_mask, is_causal, scale, dropout_p, seed as in the forward;
-    lse (B, H, L) float32 from the forward. Returns dq, dk, dv shaped and typed like q, k, v
+    lse (B, H, 2, L) float32 from the forward. Returns dq, dk, dv shaped and typed like q, k, v
     (contiguous), and the gradient of a float ``attn_mask`` (its shape and dtype, summed over its
     broadcast dims) when ``mask_grad`` is True, else None. Deterministic: no atomics.
     """
@@ -1031,7 +1055,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     max_seqlen_k. ``is_causal``: bottom-right aligned per sequence (query row i of a sequence of
     L queries and S keys attends keys j <= i + S - L). Rows outside every sequence get 0.
 
-    Returns o (Tq, H, Dv) in q's dtype and lse (H, Tq) float32, base 2 as :func:`attention_fwd`'s
+    Returns o (Tq, H, Dv) in q's dtype and lse (H, 2, Tq) float32, base 2 as :func:`attention_fwd`'s
     (-inf where nothing is attended).
     """
     qp, kp, vp = (_packed_view(t) for t in (q, k, v))
@@ -1040,7 +1064,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     scale = D ** -0.5 if scale is None else float(scale)
     o = torch.zeros((L, H, DV), dtype=q.dtype, device=q.device)
-    lse = torch.full((1, H, L), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = _nothing_attended(torch.empty((1, H, 2, L), dtype=torch.float32, device=q.device))
     if o.numel() and S and max_seqlen_q > 0 and cu_seqlens_q.numel() > 1:
         _launch_fwd(qp, kp, vp, o.permute(1, 0, 2).unsqueeze(0), lse, None, is_causal, scale, dropout_p, seed,
                     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
@@ -1053,7 +1077,7 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          scale: float | None = None, dropout_p: float = 0.0,
                          seed: torch.Tensor | None = None):
     """Gradients of :func:`varlen_attention_fwd`: dq, dk, dv shaped like q, k, v (keys outside
-    every sequence get 0). do, o (Tq, H, Dv); lse (H, Tq) from the forward."""
+    every sequence get 0). do, o (Tq, H, Dv); lse (H, 2, Tq) from the forward."""
     qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))
     _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
     # The kernels read offset i at CU + i: strided offsets are copied.

@@ -19,6 +19,7 @@ which torch's math and CUDA paths also reject).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -150,6 +151,12 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.view(_shape_4d(t)) if t.dim() < 4 else t
 
 
+def _stats_shape(out_shape) -> tuple[int, ...]:
+    """The kernels' saved row statistics for an output of ``out_shape`` (..., L, Dv): (..., 2, L),
+    the base-2 logsumexp and its rounding remainder."""
+    return (*out_shape[:-2], 2, out_shape[-2])
+
+
 def _path(query, key, value, attn_mask, enable_gqa, requested: str) -> str:
     return path(_OP, query, _unsupported(query, key, value, attn_mask, enable_gqa,
                                          backend.resolve(query, requested)), requested)
@@ -200,22 +207,23 @@ def _reference_attention(q, k, v, attn_mask, is_causal: bool, scale: float | Non
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                   dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
                   seed: torch.Tensor | None, requested: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (..., L, Dv), logsumexp (..., L) float32 -- zeros on the torch path, whose backward
-    recomputes)."""
+    """(out (..., L, Dv), row statistics (..., 2, L) float32 -- the kernels' logsumexp and its
+    remainder; zeros on the torch path, whose backward recomputes)."""
     if _path(query, key, value, attn_mask, enable_gqa, requested) == "torch":
         out = _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed)
         out = out.contiguous()  # torch's CPU kernels may return another layout; the fake is contiguous
-        return out, out.new_zeros(out.shape[:-1], dtype=torch.float32)
+        return out, out.new_zeros(_stats_shape(out.shape), dtype=torch.float32)
     o, lse = backend.kernels("attention").attention_fwd(
         _as_4d(query), _as_4d(key), _as_4d(value), attn_mask, is_causal, scale, dropout_p,
         seed)
-    return as_output(o, (*query.shape[:-1], value.shape[-1])), as_output(lse, query.shape[:-1])
+    shape = (*query.shape[:-1], value.shape[-1])
+    return as_output(o, shape), as_output(lse, _stats_shape(shape))
 
 
 @fake(_attention_op)
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, requested):
     shape = _out_shape(query, key, value, enable_gqa)
-    return query.new_empty(shape), query.new_empty(shape[:-1], dtype=torch.float32)
+    return query.new_empty(shape), query.new_empty(_stats_shape(shape), dtype=torch.float32)
 
 
 @operator(_OP + "_backward")
@@ -235,7 +243,7 @@ def _attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.T
     else:
         dq, dk, dv, dmask = backend.kernels("attention").attention_bwd(
             _as_4d(grad), _as_4d(query), _as_4d(key), _as_4d(value), _as_4d(out),
-            lse.view(_shape_4d(out)[:3]),
+            lse.view(_stats_shape(_shape_4d(out))),
             attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
         dq, dk, dv = dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
     return dq, dk, dv, or_empty(dmask if mask_grad else None, query)
@@ -378,13 +386,15 @@ def _varlen_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
 
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed):
     """PyTorch path, one sequence at a time (reads the offsets on the host): (o (Tq, H, Dv),
-    lse (H, Tq)); differentiable. Dropout masks come from a generator seeded with ``seed``."""
+    row statistics (H, 2, Tq): the base-2 logsumexp, as the kernels', and a remainder of 0);
+    differentiable. Dropout masks come from a generator seeded with ``seed``."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     gen = torch.Generator(q.device).manual_seed(int(seed)) if dropout_p > 0 and not per_sample(seed) else None
     o = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], 2, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse[:, 1] = 0.0
     bounds = zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist()[:-1],
                  cu_seqlens_k.tolist()[1:])
     for q0, q1, k0, k1 in bounds:
@@ -401,7 +411,7 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, sca
             keep = torch.rand(p.shape, generator=gen, device=p.device) >= dropout_p
             p = p * keep / (1.0 - dropout_p) if dropout_p < 1 else p * 0
         o = o.index_copy(0, torch.arange(q0, q1, device=q.device), (p @ vs).transpose(0, 1).to(q.dtype))
-        lse[:, q0:q1] = row_lse.detach().float()
+        lse[:, 0, q0:q1] = row_lse.detach().float() * math.log2(math.e)
     return o, lse
 
 
@@ -427,7 +437,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
                          is_causal: bool, scale: float | None,
                          seed: torch.Tensor | None, requested: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o (Tq, H, Dv), lse (H, Tq) float32) of attention within each packed sequence."""
+    """(o (Tq, H, Dv), row statistics (H, 2, Tq) float32) of attention within each packed sequence."""
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if _varlen_backend(q, v, requested) == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale, seed)
@@ -440,7 +450,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
       requested):
     return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
-            q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32))
+            q.new_empty(q.shape[1], 2, q.shape[0], dtype=torch.float32))
 
 
 @operator("varlen_attention_backward")

@@ -164,6 +164,29 @@ def test_float_mask_of_dtype_minimum(backend, device, dtype):
     assert_close("row masked by min", out[..., 4, :], v.double().mean(-2), rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["rows", "padding"])
+def test_gradients_of_rows_masked_throughout_by_huge_finite_values(backend, device, layout):
+    """A row whose every key carries finfo.min (Hugging Face's padding) or -1e30 averages V, in
+    float32 and in float64 arithmetic alike (the scores vanish next to the mask), and its
+    gradients are that average's: dV gets dO / S per key. The backward recomputes P from the
+    saved logsumexp, which at m ~ -1.4e38 cannot hold log2(S); without the saved remainder P came
+    back 1 instead of 1 / S, gradients S times too large (as from torch's own fused CPU kernel).
+    Rows of ordinary scores in the same call are unaffected. "padding": a (B, 1, 1, S) mask whose
+    second sequence is all padding. (The torch path is torch's op, whose fused CPU kernel keeps
+    that error: the README says so.)"""
+    if backend == "torch":
+        pytest.skip("the torch path is PyTorch's fused kernel, S times too large here (documented)")
+    q, k, v = _qkv(2, 2, 33, 70, 32, torch.float32, device)
+    if layout == "rows":
+        mask = torch.randn(33, 70, device=device)
+        mask[3], mask[17] = torch.finfo(torch.float32).min, -1e30
+        mask[20, :40] = torch.finfo(torch.float32).min  # part of a row: its other keys win
+    else:
+        mask = torch.zeros(2, 1, 1, 70, device=device)
+        mask[0, ..., 50:] = mask[1] = torch.finfo(torch.float32).min
+    _check([q, k, v, mask], torch.float32)
+
+
 def test_float_mask_below_minus_1e38_keeps_its_order(backend, device):
     """Mask values far below any score but of different sizes: torch's softmax weighs only the
     largest of them (the others are e^-1e38 times smaller). The kernel's floor sits below -2.3e38,
@@ -511,20 +534,28 @@ def test_unsupported_calls_take_the_torch_path(backend, device, case):
 
 
 def test_launcher_returns_logsumexp(backend, device):
-    """attention_fwd(q, k, v) -> (o, lse): lse is the base-2 logsumexp of each score row (the
-    natural one times log2(e)), -inf for a fully masked row."""
+    """attention_fwd(q, k, v) -> (o, stats): stats[:, :, 0] is the base-2 logsumexp of each score
+    row (the natural one times log2(e)), -inf for a fully masked row; stats[:, :, 1] its float32
+    rounding error (two-sum: lse + lo rounds back to lse, |lo| <= half an ulp of lse; 0 where
+    nothing is attended)."""
     if backend == "torch":
         pytest.skip("the launcher is the kernel path")
     attention = fastdl.backend.kernels("attention")
     q, k, v = (t.detach() for t in _qkv(2, 2, 19, 27, 32, torch.float32, device))
     mask = _bool_mask((19, 27), device)
-    o, lse = attention.attention_fwd(q, k, v, mask)
+    o, stats = attention.attention_fwd(q, k, v, mask)
+    assert stats.shape == (2, 2, 2, 19)
+    lse, lo = stats[:, :, 0], stats[:, :, 1]
     s = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(32)).masked_fill(~mask, float("-inf"))
     assert_close("o", o, ref_attention(q.double(), k.double(), v.double(), mask), rtol=RTOL)
     expected = torch.logsumexp(s, -1) * math.log2(math.e)
     assert torch.equal(lse[:, :, 3], expected[:, :, 3])  # -inf
+    assert torch.equal(lo[:, :, 3], torch.zeros_like(lo[:, :, 3]))
     finite = expected.isfinite()
     assert_close("lse", lse[finite], expected[finite], rtol=1e-6)
+    assert torch.equal((lse[finite].double() + lo[finite].double()).float(), lse[finite])
+    assert (lo[finite].abs() <= torch.finfo(torch.float32).eps * lse[finite].abs()).all()
+    assert (lo[finite] != 0).any()  # the remainder is really computed
 
 
 def test_launcher_backward_reads_any_output_layout(backend, device):
