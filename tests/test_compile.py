@@ -70,9 +70,14 @@ def _opcheck_samples(requested: str):
     yield ops.scaled_dot_product_attention, (q, _r(2, 4, 7, 16), _r(2, 4, 7, 16), _r(5, 7), 0.0, False,
                                              0.3, False, None, requested)
     yield ops.scaled_dot_product_attention, (q, k, v, None, 0.2, True, None, True, seed, requested)
+    cu_q, cu_k = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+    yield ops.varlen_attention, (_r(8, 4, 16), _r(6, 2, 16), _r(6, 2, 16), cu_q, cu_k, 5, 4, 0.0, True, None,
+                                 None, requested)
+    yield ops.varlen_attention, (_r(8, 2, 16), _r(6, 2, 16), _r(6, 2, 16), cu_q, cu_k, 5, 4, 0.3, False, 0.2,
+                                 seed, requested)
 
 
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(19))
 def test_opcheck(backend, device, index):
     if backend == "triton":
         pytest.skip("CPU samples")

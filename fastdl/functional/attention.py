@@ -458,9 +458,17 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                   dropout_p: float, is_causal: bool, scale: float | None,
-                                  seed: torch.Tensor | None
+                                  seed: torch.Tensor | None, backend_name: str
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) on the kernels, which recompute the scores from the saved lse."""
+    """(dq, dk, dv): on the kernels, which recompute the scores from the saved statistics, or by
+    differentiating the torch path's forward again (same seed, same dropout masks). Either runs
+    inside this operator, so the torch path's host loop over the offsets never reaches a traced
+    graph (torch.compile) and a meta call takes the fake implementation."""
+    if backend_name == "torch":
+        grads = recompute_grads(
+            lambda q, k, v: _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
+                                          seed)[0], (q, k, v), (grad,))
+        return tuple(g.contiguous() for g in grads)  # the fake's layout
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
         dropout_p, seed)
@@ -468,7 +476,7 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
 
 @fake(_varlen_attention_backward_op)
 def _(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-      scale, seed):
+      scale, seed, backend_name):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -492,14 +500,8 @@ def _varlen_grad(ctx, grad, _lse):
             lambda q, k, v: _varlen_torch(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, seed)[0],
             (q, k, v), ctx.needs_input_grad[:3], grad)
         return (*grads, None, None, None, None, None, None, None, None, None)
-    if ctx.backend_name == "torch":  # differentiate the PyTorch forward again (same seed, same masks)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            o, _ = _varlen_torch(*leaves, cu_q, cu_k, dropout_p, is_causal, scale, seed)
-            dq, dk, dv = torch.autograd.grad(o, leaves, grad)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
     dq, dk, dv = torch.ops.fastdl.varlen_attention_backward(grad.contiguous(), q, k, v, out, lse, cu_q, cu_k,
-                                                            *ctx.args)
+                                                            *ctx.args, ctx.backend_name)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

@@ -199,3 +199,54 @@ def test_double_backward(backend, device):
         out = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.1)
         with pytest.raises(NotImplementedError, match="not differentiable twice"):
             torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_compiles_in_one_graph_forward_and_backward(backend, device):
+    """torch.compile(fullgraph=True) traces forward and backward through the operators on every
+    backend: the torch path's backward (a host loop over the offsets) runs inside its operator,
+    not in the traced graph (it raised GuardOnDataDependentSymNode there), and matches eager."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs([3, 9, 5], [4, 2, 11], 2, 2, 16, torch.float32, device)
+
+    def step(q, k, v):
+        return F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        torch._dynamo.reset()
+        out = fn(q, k, v)
+        grads.append((out, *torch.autograd.grad(out, (q, k, v), torch.cos(out))))
+    torch._dynamo.reset()
+    for name, got, want in zip(("out", "dq", "dk", "dv"), grads[1], grads[0]):
+        assert_close(name, got, want, rtol=1e-6)
+    ref = ref_varlen(*(t.detach().double().requires_grad_() for t in (q, k, v)), cu_q, cu_k, True)
+    assert_close("out vs float64", grads[1][0], ref, rtol=2e-4)
+
+
+def test_meta_tensors_forward_and_backward(backend):
+    """Meta tensors (shape inference) take the fake implementations, backward included: the
+    torch path read the offsets on the host there ("Cannot copy out of meta tensor")."""
+    q, k, v = (torch.randn(8, 2, 8, device="meta", requires_grad=True) for _ in range(3))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device="meta") for c in ([0, 3, 8], [0, 4, 8]))
+    out = F.varlen_attention(q, k, v, cu_q, cu_k, 5, 4)
+    assert out.shape == (8, 2, 8) and out.device.type == "meta"
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
+def test_no_sequences_gives_zero_output_and_gradients(backend, device):
+    """Offsets (0,): no sequence, every token outside one -- output 0 and gradients 0 on every
+    backend, as flash-attn (the torch path's backward raised "does not require grad"). Tokens
+    past a real sequence's end in the same call get the same, next to gradients that are not."""
+    q, k, v, *_ = _inputs([4], None, 2, 2, 16, torch.float32, device)
+    none = torch.zeros(1, dtype=torch.int32, device=device)
+    out = F.varlen_attention(q, k, v, none, none, 0, 0)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(out, torch.zeros_like(out))
+    for g, t in zip(grads, (q, k, v)):
+        assert torch.equal(g, torch.zeros_like(t))
+    first = torch.tensor([0, 3], dtype=torch.int32, device=device)  # token 3 is outside
+    out = F.varlen_attention(q, k, v, first, first, 3, 3)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    ref = ref_varlen(*(t.detach().double().requires_grad_() for t in (q, k, v)), first, first)
+    assert_close("out", out, ref, rtol=2e-4)
+    assert torch.equal(dq[3], torch.zeros_like(dq[3])) and (dq[:3] != 0).all()
