@@ -43,17 +43,17 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_float_mask(name: str, mask: torch.Tensor | None, dtype: torch.dtype, fused: bool) -> None:
-    """A float mask has the query's dtype, or is float32 for an fp16/bf16 query on the fused path
-    (the kernel adds it in float32): what torch's MultiheadAttention takes. Never cast: a float32
-    mask's -1e5 or finfo.min would become -inf in fp16 and mask a row outright."""
+    """A float mask has the query's dtype, or is float32 on the fused path (the kernel adds it in
+    float32 to an fp16/bf16 query's scores; a float64 query's takes it exactly): what torch's
+    MultiheadAttention takes. Never cast down: a float32 mask's -1e5 or finfo.min would become
+    -inf in fp16 and mask a row outright."""
     if mask is None or mask.dtype == torch.bool or mask.dtype == dtype:
         return
-    if fused and mask.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+    if fused and mask.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16, torch.float64):
         return
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
-    allowed = "the query's dtype" + (" or float32" if fused and dtype in (torch.float16, torch.bfloat16)
-                                     else "")
+    allowed = "the query's dtype" + (" or float32" if fused else "")
     raise TypeError(f"a float {name} must have {allowed} ({dtype}), got {mask.dtype}"
                     + ("" if fused else " (need_weights=True computes the softmax in the query's dtype)"))
 
@@ -108,7 +108,7 @@ def sdpa_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | N
     if all(m.dtype == torch.bool for m in parts):
         ignore = parts[0] if len(parts) == 1 else parts[0] | parts[1]
         return ~ignore
-    if any(m.dtype == torch.float32 for m in parts):
+    if dtype != torch.float64 and any(m.dtype == torch.float32 for m in parts):
         dtype = torch.float32  # (a float32 mask for a low-precision query: kept exact)
     merged = _additive(parts[0], dtype)
     return merged if len(parts) == 1 else merged + _additive(parts[1], dtype)

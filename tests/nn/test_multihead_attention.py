@@ -201,6 +201,29 @@ def test_float_mask_dtypes_as_torch(backend, device):
         ref(x16, x16, x16, attn_mask=torch.zeros(L, L, device=device))
 
 
+def test_float32_masks_for_a_float64_module(backend, device):
+    """A float64 module takes float32 masks on the fused path, as torch's does; fastdl adds them
+    exactly (torch's sums the two masks in float32 first: 2e-8 apart). need_weights=True refuses
+    them, as torch's raises. (float64 runs on the torch path.)"""
+    ours, ref = _pair(device, dtype=torch.float64, batch_first=True)
+    x = torch.randn(N, L, E, device=device, dtype=torch.float64, requires_grad=True)
+    mask, kpm = torch.randn(L, L, device=device), torch.randn(N, L, device=device)
+    with fastdl.backend.use("auto"):
+        out = ours(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0]
+    want = ref(x, x, x, attn_mask=mask.double(), key_padding_mask=kpm.double(), need_weights=False)[0]
+    assert_close("torch's float32 masks", out, ref(x, x, x, attn_mask=mask, key_padding_mask=kpm,
+                                                   need_weights=False)[0], rtol=1e-6)
+    assert_close("output", out, want, rtol=1e-10)
+    g = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, [x, *ours.parameters()], g),
+                             torch.autograd.grad(want, [x, *ref.parameters()], g)):
+        assert_close("gradient", got, expected, rtol=1e-10)
+    with pytest.raises(TypeError, match="need_weights=True"):
+        ours(x, x, x, attn_mask=mask)
+    with pytest.raises(RuntimeError):
+        ref(x, x, x, attn_mask=mask)
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_float32_masks_under_autocast_as_torch(backend, device, need_weights):
     """Under autocast the projections run in bfloat16 and torch's weights path adds the float32
