@@ -212,6 +212,8 @@ def test_double_backward_raises(backend, device):
     (lambda h, w, t: F.linear_cross_entropy(h, w, t, bias=h.new_zeros(3)), ValueError, "bias"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="avg"), ValueError, "reduction"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+    # torch silently computes the unsmoothed loss for a negative value (README: refused here)
+    (lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=-0.1), ValueError, "label_smoothing"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(30)), IndexError, "class 30"),
     (lambda h, w, t: F.linear_cross_entropy(h, w, t.clone().fill_(-3)), IndexError, "class -3"),
     # torch: "ignore_index is not supported for floating point target"
