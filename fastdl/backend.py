@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -254,11 +255,38 @@ def _requested_when_traced(_mirror: str) -> str:
 _TAG = "fastdl-backend="
 
 
+def source_fingerprint(roots: tuple[str, ...] | None = None) -> str:
+    """A short hash of the package's source (``fastdl`` and ``fastdl.kernels``, or ``roots``).
+    Compiled graphs bake in the fake implementations and autograd formulas they were traced
+    with; keyed by it, a changed or upgraded fastdl never loads a graph cached from another one
+    (Inductor checked the old output shapes and raised, at best)."""
+    if roots is None:
+        return _package_fingerprint()
+    digest = hashlib.sha256()
+    for root in roots:
+        for folder, _, files in sorted(os.walk(root)):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _package_fingerprint() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.find_spec("fastdl.kernels")  # its own folder (a package-dir mapping)
+    kernels = os.path.dirname(spec.origin) if spec is not None and spec.origin else None
+    return source_fingerprint(tuple(r for r in (here, kernels) if r and not r.startswith(here + os.sep)))
+
+
 def _tag_compile_caches(previous: str | None = None) -> str | None:
-    """Put the requested backend into ``torch.compile``'s cache key tag (or restore ``previous``);
-    returns the tag it replaced. A compiled graph's backward bakes in the backend chosen when it
-    was traced, and Inductor's on-disk caches key graphs without it: untagged, a process running
-    another backend could load that graph and mix backends (wrong gradients)."""
+    """Put the requested backend and the source fingerprint into ``torch.compile``'s cache key tag
+    (or restore ``previous``); returns the tag it replaced. A compiled graph's backward bakes in
+    the backend chosen when it was traced, and Inductor's on-disk caches key graphs without it:
+    untagged, a process running another backend could load that graph and mix backends (wrong
+    gradients)."""
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "cache_key_tag"):  # older PyTorch: nothing to tag
         return None
@@ -266,7 +294,7 @@ def _tag_compile_caches(previous: str | None = None) -> str | None:
     if previous is None:
         base = old.split(_TAG)[0].rstrip(";")
         mode = "interpreted" if _env_true("TRITON_INTERPRET") else "compiled"
-        ours = f"{_TAG}{requested()}/{mode}"
+        ours = f"{_TAG}{requested()}/{mode}/{source_fingerprint()}"
         config.cache_key_tag = f"{base};{ours}" if base else ours
     else:
         config.cache_key_tag = previous

@@ -10,6 +10,7 @@ draws its own random numbers). Tiny sizes throughout.
 """
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -353,6 +354,21 @@ def test_use_tags_the_compile_cache_key():
             assert "fastdl-backend=auto" in config.cache_key_tag
         assert "fastdl-backend=torch" in config.cache_key_tag
     assert config.cache_key_tag == before
+
+
+def test_the_compile_cache_key_holds_the_source_fingerprint(tmp_path):
+    """Graphs cached by another fastdl (other fake implementations, autograd formulas, kernels)
+    are never loaded: the tag holds a hash of the package's source, which any edit changes."""
+    import shutil
+    assert fastdl.backend.source_fingerprint() in torch.compiler.config.cache_key_tag
+    package = os.path.dirname(fastdl.__file__)
+    copy_root = tmp_path / "fastdl"
+    shutil.copytree(package, copy_root, ignore=shutil.ignore_patterns("__pycache__"))
+    before = fastdl.backend.source_fingerprint((str(copy_root),))
+    assert before == fastdl.backend.source_fingerprint((str(copy_root),))
+    with open(copy_root / "functional" / "attention.py", "a") as f:
+        f.write("\n# another version\n")
+    assert fastdl.backend.source_fingerprint((str(copy_root),)) != before
 
 
 # ---------------------------------------------------------------------------------------------
