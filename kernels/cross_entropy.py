@@ -13,11 +13,14 @@ logsumexp (running maximum m and rescaled sum d) plus the sums the loss needs::
 Hard targets t (int64 class index; ``ignore_index`` rows give loss 0 and gradient 0), label
 smoothing eps, q = (1 - eps) * onehot(t) + eps / V::
 
-    loss = (1 - eps) * (lse - x_t) + eps * (lse - sum(x) / V)
+    loss = (1 - eps) * (lse - x_t) + eps * (lse - sum(x) / V)     (eps = 0: lse - x_t alone)
 
 Soft targets Q (V probabilities per row, as torch: not renormalised), q = (1 - eps) * Q + eps / V::
 
-    loss = (1 - eps) * (sum(Q) * lse - sum(Q * x)) + eps * (lse - sum(x) / V)
+    loss = sum(q) * lse - sum(q * x)
+
+Non-finite logits give what torch's formulas give: with eps = 0 a logit of -inf costs nothing
+unless it is the target (loss +inf); a soft target of 0 at a logit of -inf is 0 * -inf = NaN.
 
 Second pass (when a gradient is wanted), with g the loss's gradient for the row (1 / count for a
 mean, 1 for a sum, the incoming gradient for ``reduction="none"``)::
@@ -44,6 +47,13 @@ MAX_BLOCK_V = 256 if INTERPRET else 2048
 
 
 @triton.jit
+def _times_shift(total, shift):
+    """total * shift, 0 where shift is 0 (a lane's maximum that did not move), also for an
+    infinite total."""
+    return tl.where(shift == 0.0, 0.0, total * shift)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     LOGITS, TARGET, LOSS, GRAD_SCALE, SMOOTHING,  # LOGITS (N, V) row stride sl; TARGET (N,) int64 or (N, V)
     sl, st, sg, V, ignore_index,  # sg: stride of GRAD_SCALE (0: one scalar for all rows)
@@ -60,10 +70,10 @@ def _cross_entropy_kernel(
     # largest logit (a 9% error on the loss of a confident row with logits near 50).
     m = tl.full([BLOCK_V], float("-inf"), dtype=ACC)  # per-lane running maxima, merged at the end
     d = tl.zeros([BLOCK_V], dtype=ACC)
-    sum_xm = tl.zeros([BLOCK_V], dtype=ACC)  # sum of x - m over the lane (label smoothing's mean)
-    count = tl.zeros([BLOCK_V], dtype=ACC)  # logits the lane has seen
-    sum_qxm = tl.zeros([BLOCK_V], dtype=ACC)  # sum of q * (x - m) over the lane, m its running max
-    sum_q = tl.zeros([BLOCK_V], dtype=ACC)
+    # Hard targets: the sum of x - m over the lane (label smoothing's mean) and its count.
+    # Soft targets: the sum of q * (x - m) and of q, with q torch's mixed target (1 - eps) Q + eps / V.
+    sum_xm = tl.zeros([BLOCK_V], dtype=ACC)
+    count = tl.zeros([BLOCK_V], dtype=ACC)
     for v0 in range(0, V, BLOCK_V):
         ok = v0 + cols < V
         x = tl.load(x_row + v0 + cols, mask=ok, other=float("-inf")).to(ACC)
@@ -72,30 +82,35 @@ def _cross_entropy_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
         shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # the lane's max moved by this
-        sum_xm += count * shift + tl.where(ok, x - m_safe, 0.0)
-        count += tl.where(ok, 1.0, 0.0)
         if SOFT:
             q = tl.load(TARGET + row * st + v0 + cols, mask=ok, other=0.0).to(ACC)
-            sum_qxm += sum_q * shift + tl.where(ok, q * (x - m_safe), 0.0)
-            sum_q += q
+            q = tl.where(ok, (1.0 - smoothing) * q + smoothing / V, 0.0)
+            # One product per logit, as torch's sum of q * log_softmax: a q of 0 at a logit of
+            # -inf is NaN, a positive q there is an infinite loss (not two terms' 0 * inf).
+            sum_xm += _times_shift(count, shift) + tl.where(ok, q * (x - m_safe), 0.0)
+            count += q
+        else:
+            sum_xm += count * shift + tl.where(ok, x - m_safe, 0.0)
+            count += tl.where(ok, 1.0, 0.0)
         m = m_new
     m_row = tl.max(m, axis=0)
     lane_shift = tl.where(m == float("-inf"), 0.0, m - m_row)
     d_row = tl.sum(d * tl.exp(m - m_row), axis=0)
     log_d = tl.log(d_row)
-    max_minus_mean = -tl.sum(sum_xm + count * lane_shift, axis=0) / V  # m_row - mean(x)
+    sum_row = tl.sum(sum_xm + _times_shift(count, lane_shift), axis=0)  # relative to m_row
 
     if SOFT:
-        q_total = tl.sum(sum_q, axis=0)
-        qxm = tl.sum(sum_qxm + sum_q * lane_shift, axis=0)  # sum of q * (x - m_row)
-        loss = (1.0 - smoothing) * (q_total * log_d - qxm) + smoothing * (max_minus_mean + log_d)
-        q_total = (1.0 - smoothing) * q_total + smoothing
+        q_total = tl.sum(count, axis=0)
+        loss = q_total * log_d - sum_row
     else:
         target = tl.load(TARGET + row)
         ignored = target == ignore_index
         in_range = (target >= 0) & (target < V)
         x_t = tl.load(x_row + tl.where(in_range, target, 0)).to(ACC)
-        loss = (1.0 - smoothing) * ((m_row - x_t) + log_d) + smoothing * (max_minus_mean + log_d)
+        loss = (m_row - x_t) + log_d
+        # As torch, no smoothing term at all without smoothing: it is infinite when a logit is -inf.
+        smooth = (log_d - sum_row / V) * smoothing  # -mean(log_softmax) * eps
+        loss = tl.where(smoothing == 0.0, loss, (1.0 - smoothing) * loss + smooth)
         loss = tl.where(in_range, loss, float("nan"))
         loss = tl.where(ignored, 0.0, loss)
         q_total = 1.0

@@ -54,12 +54,15 @@ def _cross_entropy_chunk_torch(logits: torch.Tensor, target: torch.Tensor, ignor
     m = x.amax(dim=1, keepdim=True)
     log_d = torch.exp(x - m).sum(dim=1).log()
     m = m[:, 0]
-    smooth_term = smoothing * (log_d - (x - m[:, None]).mean(dim=1)) if smoothing else 0.0
     if target.dim() == 2:
+        # torch's mixed target, one product per logit: a q of 0 at a logit of -inf is NaN.
         q = target.to(loss.dtype)
-        q_sum = q.sum(dim=1)
-        loss.copy_((1.0 - smoothing) * (q_sum * log_d - (q * (x - m[:, None])).sum(dim=1)) + smooth_term)
+        q = (1.0 - smoothing) * q + smoothing / vocab if smoothing else q
+        q_total = q.sum(dim=1)
+        loss.copy_(q_total * log_d - (q * (x - m[:, None])).sum(dim=1))
     else:
+        # No smoothing term without smoothing (as torch): it is infinite when a logit is -inf.
+        smooth_term = smoothing * (log_d - (x - m[:, None]).mean(dim=1)) if smoothing else 0.0
         ignored = target == ignore_index
         t = torch.where(ignored, 0, target)[:, None]
         x_t = x.gather(1, t)[:, 0]
@@ -71,8 +74,7 @@ def _cross_entropy_chunk_torch(logits: torch.Tensor, target: torch.Tensor, ignor
     # the softmax, in place when x is the logits
     dx = x.sub_(m[:, None]).exp_().mul_(inv_d) if x is logits else torch.exp(x - m[:, None]) * inv_d
     if target.dim() == 2:
-        q_total = (1.0 - smoothing) * q_sum + smoothing
-        dx.mul_(q_total[:, None]).sub_((1.0 - smoothing) * q + smoothing / vocab)
+        dx.mul_(q_total[:, None]).sub_(q)
     else:
         g = torch.where(ignored, 0.0, g)
         dx.sub_(smoothing / vocab).scatter_add_(1, t, dx.new_full((n, 1), smoothing - 1.0))

@@ -283,3 +283,46 @@ def test_large_logits_keep_torchs_precision(backend, device, big, soft, smoothin
         error = ((got[i] - ref[i]) / ref[i].abs().clamp_min(1e-30)).abs().max().item()
         bound = 3 * ((base[i] - ref[i]) / ref[i].abs().clamp_min(1e-30)).abs().max().item() + 1e-5
         assert error <= bound, f"{name}: relative error {error:.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("soft,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
+def test_logits_of_minus_infinity_as_torch(backend, device, soft, smoothing):
+    """A bias of -inf masking classes out of the vocabulary, as torch's formulas treat it: without
+    smoothing a masked class costs nothing unless it is the target (loss +inf); smoothing makes
+    every row infinite; a soft target of 0 at a masked class is NaN (0 * -inf) unless smoothing
+    mixes in eps / V. The kernel used to add a smoothing term of 0 * inf = NaN to every row, and
+    both paths to split a soft row into two sums, one NaN where torch's single sum is infinite."""
+    g = torch.Generator().manual_seed(1)
+    n, h, v = 7, 12, 300
+    hidden = torch.randn(n, h, generator=g).to(device).requires_grad_()
+    weight = torch.randn(v, h, generator=g).to(device).requires_grad_()
+    bias = torch.randn(v, generator=g)
+    bias[[3, 150, 299]] = float("-inf")
+    bias = bias.to(device)
+    if soft:
+        target = torch.softmax(torch.randn(n, v, generator=g), dim=-1)
+        target[:4, [3, 150, 299]] = 0.0  # rows 0-3: nothing on the masked classes; 4-6: some
+        target = target.to(device)
+    else:
+        target = torch.randint(0, v, (n,), generator=g)
+        target[target == 3] = 4
+        target[1], target[5] = 150, -100  # one row's target is masked out, one row ignored
+        target = target.to(device)
+
+    def run(dtype):
+        x, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+        t = target.to(dtype) if soft else target
+        fn = TF.cross_entropy if dtype == torch.float64 else None
+        kwargs = dict(label_smoothing=smoothing, reduction="none")
+        loss = (fn(x @ w.T + bias.to(dtype), t, **kwargs) if fn
+                else F.linear_cross_entropy(x, w, t, bias.to(dtype), **kwargs))
+        grads = torch.autograd.grad(loss.sum() if not soft else loss[4:].sum(), (x, w))
+        return loss.detach().double(), [gr.double() for gr in grads]
+
+    (ref, ref_grads), (got, got_grads) = run(torch.float64), run(torch.float32)
+    assert torch.isnan(ref).any() == (soft and not smoothing)  # the cases this test is about
+    assert torch.isinf(ref).any()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+    for name, a, b in zip(("hidden", "weight"), got_grads, ref_grads):
+        if torch.isfinite(b).all():
+            assert_close(f"grad {name}", a, b, rtol=1e-4)
