@@ -166,16 +166,19 @@ def key_padding_mask(attention_mask: torch.Tensor | None, batch: int, seq: int,
 
 def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Hugging Face's rule: regression (MSE) when num_labels == 1, cross-entropy for integer
-    labels, BCE-with-logits otherwise; ``config.problem_type`` overrides the guess."""
+    labels, BCE-with-logits otherwise; ``config.problem_type`` overrides the guess. As in
+    Hugging Face, the first guess is written into ``config.problem_type``: later calls (and a
+    saved config) keep it, whatever their labels' dtype."""
     num_labels = logits.shape[-1]
-    problem = getattr(config, "problem_type", None)
+    problem = config.problem_type
     if problem is None:
         if num_labels == 1:
             problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
+        elif num_labels > 1 and labels.dtype in (torch.long, torch.int):
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+        config.problem_type = problem
     if problem == "regression":
         if num_labels == 1:
             return TF.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

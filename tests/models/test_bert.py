@@ -158,6 +158,31 @@ def test_classification_losses_match_hf(torch_path, num_labels, labels):
     compare_outputs(ours(ids, mask, types, labels=labels), reference(hf)(ids, mask, types, labels=labels))
 
 
+
+def test_problem_type_is_kept_from_the_first_call_as_hf(torch_path):
+    """Hugging Face writes its first guess into config.problem_type: a later call with float
+    labels is then still single-label (and fails as HF's does), not a BCE loss; a second model
+    guessing from float labels first stays multi-label for integer labels too."""
+    hf = hf_model("BertForSequenceClassification", num_labels=3)
+    ours = BertForSequenceClassification.from_hf(hf)
+    ids, mask, types = batch(b=3)
+    ref = reference(hf)
+    compare_outputs(ours(ids, mask, types, labels=torch.tensor([2, 0, 1])),
+                    ref(ids, mask, types, labels=torch.tensor([2, 0, 1])))
+    assert ours.config.problem_type == ref.config.problem_type == "single_label_classification"
+    soft = torch.rand(3, 3)
+    for model in (ours, ref):
+        with pytest.raises((ValueError, RuntimeError)):
+            model(ids, mask, types, labels=soft)
+    hf2 = hf_model("BertForSequenceClassification", num_labels=3)
+    ours2 = BertForSequenceClassification.from_hf(hf2)
+    ref2 = reference(hf2)
+    compare_outputs(ours2(ids, mask, types, labels=soft), ref2(ids, mask, types, labels=soft))
+    hard = torch.nn.functional.one_hot(torch.tensor([1, 0, 2]), 3)  # int64, read as multi-label
+    # (HF's BCE then refuses int64 targets; fastdl casts them, as for every other problem type.)
+    compare_outputs(ours2(ids, mask, types, labels=hard), ref2(ids, mask, types, labels=hard.float()))
+    assert ours2.config.problem_type == "multi_label_classification"
+
 def test_masked_lm_loss_matches_hf(torch_path):
     hf = hf_model("BertForMaskedLM")
     ours = BertForMaskedLM.from_hf(hf)
