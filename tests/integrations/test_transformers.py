@@ -251,3 +251,33 @@ def test_batch_one_queries_against_a_batched_mask():
     want, _ = sdpa_attention_forward(module, q, k, v, mask)
     assert got.shape == want.shape == (2, 3, 4, 8)
     assert_close("output", got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,field", [("bert", "attention_probs_dropout_prob"),
+                                        ("llama", "attention_dropout")])
+def test_attention_dropout_reaches_the_kernel_in_training_only(name, field, monkeypatch):
+    """The model's attention dropout is applied in train mode (as sdpa's: dropout_p = the
+    config's probability) and not in eval; the outputs of two training calls differ."""
+    fastdl_hf.register()
+    cfg = config(name)
+    setattr(cfg, field, 0.5)
+    if name == "bert":
+        cfg.hidden_dropout_prob = 0.0
+    model = transformers.AutoModel.from_config(cfg, attn_implementation="fastdl")
+    probs = []
+    real = fastdl.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        probs.append(kwargs.get("dropout_p"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
+    kwargs, _ = inputs(name, "cpu")
+    model.eval()
+    ref = model(**kwargs).last_hidden_state
+    assert probs and set(probs) == {0.0}
+    probs.clear()
+    model.train()
+    a, b = model(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state
+    assert probs and set(probs) == {0.5}
+    assert not torch.allclose(a, b) and not torch.allclose(a, ref)
