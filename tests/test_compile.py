@@ -309,6 +309,17 @@ def test_export(backend, device, family):
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
 
 
+
+def test_export_of_a_bert_forced_to_unpad_raises_clearly():
+    """unpad=True needs the number of real tokens on the host: export says so (and what to use)
+    instead of failing deep in the tracer; the default unpad=None exports the padded path."""
+    config = _bert_config(0.1)
+    batch = _mlm_batch()
+    del batch["labels"]
+    config.unpad = True
+    with pytest.raises(ValueError, match="unpad=None"):
+        torch.export.export(BertModel(config).eval(), (), batch)
+
 # ---------------------------------------------------------------------------------------------
 # Inductor's on-disk caches and the backend
 # ---------------------------------------------------------------------------------------------

@@ -428,6 +428,9 @@ class BertModel(BertPreTrainedModel):
         if mask is None or self.config.unpad is False:
             return False
         if self.config.unpad:
+            if torch.compiler.is_exporting():
+                raise ValueError("BertConfig(unpad=True) cannot be exported: the number of real tokens "
+                                 "is data; export with unpad=None (the padded path) or unpad=False")
             return True
         # A compiled graph cannot hold the data-dependent token count without a break, nor can a
         # torch.func transform (vmap cannot read the mask on the host): the padded path then.

@@ -80,9 +80,18 @@ class Seq2SeqTransformer(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The sinusoid table is computed, not saved (a non-persistent buffer): refill it, so that a
-        # model built on the meta device, then to_empty() and load_state_dict(), is whole.
-        with torch.no_grad():
-            self.positions.copy_(sinusoidal_positions(self.max_len, self.d_model))
+        # model built on the meta device, then to_empty() and load_state_dict(), is whole -- or,
+        # with load_state_dict(assign=True), still on the meta device: it then takes the device
+        # of the loaded weights.
+        table = sinusoidal_positions(self.max_len, self.d_model)
+        if self.positions.is_meta:
+            device = next((t.device for k, t in state_dict.items()
+                           if k.startswith(prefix) and isinstance(t, torch.Tensor) and not t.is_meta), None)
+            if device is not None:
+                self.positions = table.to(device, self.positions.dtype)
+        else:
+            with torch.no_grad():
+                self.positions.copy_(table)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- pieces -----------------------------------------------------------------------------------

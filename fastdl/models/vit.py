@@ -325,7 +325,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
                            else torch.nn.Identity())
         self._init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, pixel_values: torch.Tensor, *, labels: torch.Tensor | None = None,
                 interpolate_pos_encoding: bool = False) -> ClassifierOutput:
         hidden = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
         logits = self.classifier(hidden[:, 0])

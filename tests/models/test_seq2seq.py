@@ -304,5 +304,19 @@ def test_meta_build_then_load_state_dict_is_whole(torch_path):
     empty = empty.to_empty(device="cpu").eval()
     empty.load_state_dict(model.state_dict())
     assert torch.equal(empty.positions, sinusoidal_positions(empty.max_len, empty.d_model))
-    src, tgt = torch.randint(1, 20, (2, 6)), torch.randint(1, 20, (2, 5))
+    src, tgt = torch.randint(1, 23, (2, 6)), torch.randint(1, 19, (2, 5))
+    assert_close("logits", empty(src, tgt), model(src, tgt).double(), rtol=1e-6)
+
+
+
+def test_meta_build_then_load_state_dict_with_assign_is_whole(torch_path):
+    """load_state_dict(assign=True) leaves a meta-built model's non-persistent buffers on the meta
+    device; the sinusoid table is rebuilt on the loaded weights' device instead."""
+    model = Seq2SeqTransformer(**SMALL).eval()
+    with torch.device("meta"):
+        empty = Seq2SeqTransformer(**SMALL)
+    empty.load_state_dict(model.state_dict(), assign=True)
+    empty.eval()
+    assert torch.equal(empty.positions, sinusoidal_positions(empty.max_len, empty.d_model))
+    src, tgt = torch.randint(1, 23, (2, 6)), torch.randint(1, 19, (2, 5))
     assert_close("logits", empty(src, tgt), model(src, tgt).double(), rtol=1e-6)

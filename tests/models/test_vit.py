@@ -185,6 +185,18 @@ def test_bad_inputs(torch_path):
         ViTConfig(image_size=18, patch_size=4)
 
 
+
+def test_classifier_takes_labels_by_keyword_only(torch_path):
+    """Hugging Face's second positional argument is head_mask: a call written for its order
+    raises instead of reading the head mask as labels."""
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=20, num_labels=3)
+    model = ViTForImageClassification(config)
+    pixels, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    with pytest.raises(TypeError):
+        model(pixels, labels)
+    assert model(pixels, labels=labels).loss.dim() == 0
+
 def test_initialisation():
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=1,
                        num_attention_heads=4, intermediate_size=128, num_labels=10)
