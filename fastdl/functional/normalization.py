@@ -238,6 +238,17 @@ def _batch_norm_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _gradient_in_layout(memory_format: torch.memory_format):
+    """A gradient hook that hands PyTorch's batch norm backward its output gradient in the
+    output's layout: its CPU backward (2.13) gets dx wrong for a gradient whose strides look
+    channels-last through size-1 dims only (a permuted view)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad is None or grad.is_contiguous(memory_format=memory_format):
+            return grad
+        return grad.contiguous(memory_format=memory_format)
+    return hook
+
+
 def _batch_norm_unsupported(input: torch.Tensor) -> str | None:
     return None if input.dtype in _BATCH_NORM_DTYPES else f"input dtype {input.dtype}"
 
@@ -312,6 +323,7 @@ def _batch_norm_backward_op(grad: torch.Tensor, input: torch.Tensor, weight: tor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d input, d weight, d bias); an empty tensor for a missing weight or bias."""
     if backend_name == "torch":
+        grad = _gradient_in_layout(_batch_norm_format(input))(grad)
         dx, dw, db = recompute_grads(_torch_batch_norm_of(running_mean, running_var, training, eps),
                                      (input, weight, bias), (grad,))
         return dx, or_empty(dw, input), or_empty(db, input)
@@ -417,7 +429,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     check_param_dtypes(input, {"running_mean": running_mean, "running_var": running_var,
                                "weight": weight, "bias": bias})
     if eager_torch_path("batch_norm", input, lambda: _batch_norm_unsupported(input)):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if out.requires_grad:
+            out.register_hook(_gradient_in_layout(_batch_norm_format(input)))
+        return out
     out, _, _, new_mean, new_var = torch.ops.fastdl.batch_norm(
         input, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
         backend.operator_requested())

@@ -220,6 +220,19 @@ def test_broadcast_output_gradient(backend, device):
     assert_close("bias grad", b.grad, torch.full((3,), 20.0, dtype=torch.float64))
 
 
+def test_output_gradient_in_an_ambiguous_layout(backend, device):
+    """An output gradient whose strides look channels-last only through size-1 dims: PyTorch's
+    CPU batch norm backward (2.13) gets dx wrong by O(1) for it; every path must give what the
+    same gradient made contiguous gives (and float64 math)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 7, 2, 1, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    dy = torch.randn(1, 7, 2, 7, generator=g, dtype=torch.float64).to(device).permute(1, 3, 2, 0)
+    assert dy.stride() == (14, 1, 7, 98)
+    F.batch_norm(x, None, None, training=True).backward(dy)
+    ref = x.detach().clone().requires_grad_()
+    TF.batch_norm(ref, None, None, training=True).backward(dy.contiguous())
+    assert_close("dx", x.grad, ref.grad.double(), rtol=1e-9)
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(backend, device, training):
     """float64 runs the kernels with float64 statistics, so gradcheck proves the backward."""
