@@ -66,15 +66,27 @@ def _fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture
-def attention_masks(monkeypatch):
-    """The attn_mask of every fastdl.functional.scaled_dot_product_attention call."""
-    masks = []
+def _attention_argument(monkeypatch, name: str) -> list:
+    """The keyword argument ``name`` of every fastdl.functional.scaled_dot_product_attention call
+    from now on (None where not given), appended as the calls come."""
+    seen = []
     real = fastdl.functional.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
-        masks.append(kwargs.get("attn_mask"))
+        seen.append(kwargs.get(name))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
-    return masks
+    return seen
+
+
+@pytest.fixture
+def attention_masks(monkeypatch):
+    """The attn_mask of every fastdl.functional.scaled_dot_product_attention call."""
+    return _attention_argument(monkeypatch, "attn_mask")
+
+
+@pytest.fixture
+def attention_dropout(monkeypatch):
+    """The dropout_p of every fastdl.functional.scaled_dot_product_attention call."""
+    return _attention_argument(monkeypatch, "dropout_p")

@@ -255,7 +255,7 @@ def test_batch_one_queries_against_a_batched_mask():
 
 @pytest.mark.parametrize("name,field", [("bert", "attention_probs_dropout_prob"),
                                         ("llama", "attention_dropout")])
-def test_attention_dropout_reaches_the_kernel_in_training_only(name, field, monkeypatch):
+def test_attention_dropout_reaches_the_kernel_in_training_only(name, field, attention_dropout):
     """The model's attention dropout is applied in train mode (as sdpa's: dropout_p = the
     config's probability) and not in eval; the outputs of two training calls differ."""
     fastdl_hf.register()
@@ -264,14 +264,7 @@ def test_attention_dropout_reaches_the_kernel_in_training_only(name, field, monk
     if name == "bert":
         cfg.hidden_dropout_prob = 0.0
     model = transformers.AutoModel.from_config(cfg, attn_implementation="fastdl")
-    probs = []
-    real = fastdl.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        probs.append(kwargs.get("dropout_p"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastdl.functional, "scaled_dot_product_attention", spy)
+    probs = attention_dropout
     kwargs, _ = inputs(name, "cpu")
     model.eval()
     ref = model(**kwargs).last_hidden_state
