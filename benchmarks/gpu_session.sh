@@ -16,12 +16,17 @@
 # 5. bench       python -m benchmarks.run, kernels forward and forward+backward -> the runner's
 #                <gpu>-<date>.json/.md/.png in $OUT
 # 6. models      the BERT and ViT training steps after them                  -> $OUT/models/
-# Logs (one per step, env.txt with GPU, driver and versions, junit.xml) come back as $OUT/logs.tgz,
-# Triton's cache as $OUT/triton-cache.tgz (see below): a lent machine returns only a few files.
+# A lent machine returns at most 8 files of 16 MiB (64 MiB together), so the logs (one per step,
+# env.txt with GPU, driver and versions, junit.xml) come back as one archive, $OUT/logs.tgz, and
+# Triton's cache as $OUT/triton-cache.tgz.0, .1, ... (see below).
 #
 # Triton's cache is $TRITON_CACHE_DIR (default /tmp/fastdl-triton-cache, kept while the machine
-# stays warm); CACHE_IN=path/to/triton-cache.tgz restores an earlier call's, so a second call on a
-# fresh machine compiles nothing twice.
+# stays warm). Its kernel binaries and metadata -- all a later compile needs to hit -- come back
+# oldest first (the precompiled launches before the tests' own) in at most CACHE_PARTS parts of
+# 15 MiB; CACHE_IN=<folder with those parts> restores them into the same TRITON_CACHE_DIR (Triton's
+# cache records absolute paths), so a second call on a fresh machine does not compile them again.
+# It holds no PTX, so a precompile step on a restored cache asks ptxas nothing and fails: call 2
+# does not precompile.
 # Every step runs under `timeout` and the script goes on after a failing step; it exits non-zero
 # if any step failed. Override by environment:
 #   STEPS="install tests"   which steps to run, in that order (default: those of CALL, else all)
@@ -31,6 +36,8 @@
 #   BENCH_BUDGET=<BENCH_TIMEOUT - 40>   the runner starts no new case after this
 #   BENCH_ARGS="--quick"                extra arguments for the runner
 #   PYTEST_WORKERS=16                   parallel test workers (each compiles into the shared cache)
+#   CACHE_OUT=1 CACHE_PARTS=3           pack Triton's cache into $OUT (call 2: CACHE_OUT=0), parts
+#   WHEELS=.whl                         pure-Python peers to put on the path (see below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,16 +58,53 @@ MODELS_TIMEOUT="${MODELS_TIMEOUT:-60}"
 PRECOMPILE_ARGS="${PRECOMPILE_ARGS:---cover}"
 BENCH_BUDGET="${BENCH_BUDGET:-$((BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2))}"
 BENCH_ARGS="${BENCH_ARGS:-}"
+CACHE_OUT="${CACHE_OUT:-$([ "${CALL:-}" = 2 ] && echo 0 || echo 1)}"
+CACHE_PARTS="${CACHE_PARTS:-3}"
 PYTEST_WORKERS="${PYTEST_WORKERS:-$(nproc)}"
 PYTHON="${PYTHON:-python}"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
-# Triton's cache lives outside $OUT (thousands of small files) and travels as one archive,
-# $OUT/triton-cache.tgz; CACHE_IN names an archive from an earlier call to start from.
+# Triton's cache lives outside $OUT (thousands of small files) and travels as archive parts;
+# CACHE_IN names the folder holding an earlier call's parts.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastdl-triton-cache}"
 mkdir -p "$TRITON_CACHE_DIR"
-if [ -n "${CACHE_IN:-}" ] && [ -f "$CACHE_IN" ]; then
-    tar xzf "$CACHE_IN" -C "$TRITON_CACHE_DIR" && echo "== Triton cache restored from $CACHE_IN"
+if [ -n "${CACHE_IN:-}" ]; then
+    if compgen -G "$CACHE_IN/triton-cache.tgz.*" >/dev/null; then
+        # The last part may end inside a kernel's files: tar restores everything before the cut
+        # and complains about the end, which is expected.
+        cat "$CACHE_IN"/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" 2>/dev/null  # parts 0-9
+        echo "== Triton cache restored from $CACHE_IN: $(find "$TRITON_CACHE_DIR" -name '__grp__*' | wc -l) kernels"
+    else
+        echo "== CACHE_IN=$CACHE_IN holds no triton-cache.tgz.* parts; compiling from scratch"
+    fi
+fi
+
+pack_cache() {  # Triton's cache into $OUT/triton-cache.tgz.N, binaries and metadata only
+    rm -f "$OUT"/triton-cache.tgz.*
+    # Oldest kernels first; within a kernel its group file last, so that a cut archive leaves a
+    # kernel either whole or missing (a cache miss), never a group naming a binary that is not there.
+    (cd "$TRITON_CACHE_DIR" && ls -tr | while read -r entry; do
+        [ -d "$entry" ] || continue
+        find "$entry" -type f \( -name '*.cubin' -o -name '*.json' -o -name '*.txt' \) ! -name '__grp__*'
+        find "$entry" -type f -name '__grp__*'
+    done | tar czf - -T -) | split -b 15M -d -a 1 - "$OUT/triton-cache.tgz."
+    local part kept=0 dropped=0
+    for part in "$OUT"/triton-cache.tgz.*; do
+        if [ "${part##*.}" -lt "$CACHE_PARTS" ]; then kept=$((kept + 1)); else rm -f "$part"; dropped=$((dropped + 1)); fi
+    done
+    echo "   Triton cache: $kept part(s) of at most 15 MiB in \$OUT$([ "$dropped" -gt 0 ] && echo ", $dropped more dropped (CACHE_PARTS=$CACHE_PARTS): the newest kernels compile again")"
+}
+# Pure-Python peers the machine lacks (Liger-Kernel) travel as wheels in $WHEELS (default .whl,
+# ignored by git; benchmarks/README.md gives the download): installed into a private folder on the
+# Python path, never into the machine's environment.
+WHEELS="${WHEELS:-$PWD/.whl}"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    SITE="${SITE:-/tmp/fastdl-site}"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$WHEELS"/*.whl >"$LOGS/wheels.log" 2>&1 \
+        && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" \
+        && echo "== wheels from $WHEELS on the path: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')" \
+        || echo "== wheels from $WHEELS failed to install (see logs/wheels.log); peers missing"
 fi
 # Kernel ops first, forward and forward+backward; the model training steps after them.
 KERNEL_OPS="attention layer_norm rms_norm dropout_add_layer_norm batch_norm dropout embedding bert_embeddings"
@@ -157,5 +201,7 @@ for name in $STEPS; do
     echo "   $name: ${STATUS[$name]:-not run}"
 done
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/   tests: /'
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+[ "$CACHE_OUT" = 1 ] && pack_cache
 ls -l "$OUT"
 exit "$failed"

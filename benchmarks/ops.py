@@ -251,7 +251,7 @@ def _norm_peers(env: Env, op: str, make_inputs, mode: str, d: int, eps: float) -
         if op == "rms_norm":
             module = transformers_api.LigerRMSNorm(d, eps=eps)
         else:
-            module = transformers_api.LigerLayerNorm(d, eps=eps)
+            module = transformers_api.LigerLayerNorm(d, eps=eps, bias=b is not None)  # its default: none
         module = module.to(device=x.device, dtype=x.dtype)
         leaves = [x, *module.parameters()] if x.requires_grad else [x]
         if not x.requires_grad:
