@@ -11,12 +11,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 
 # Relative-norm tolerances against float64 (DESIGN.md, "Numerics").
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Floor added to factor * baseline error for fp16/bf16 (absorbs a baseline that happens to be exact).
 LOW_PRECISION_FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+# Tests whose reference is torch.nn.LinearCrossEntropyLoss, new in PyTorch 2.13 (the GPU machines
+# run 2.11; fastdl's module is the same there).
+needs_torch_linear_cross_entropy_loss = pytest.mark.skipif(
+    not hasattr(torch.nn, "LinearCrossEntropyLoss"),
+    reason="torch.nn.LinearCrossEntropyLoss is new in PyTorch 2.13")
 
 
 def rel_error(actual: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ takes the torch path, as ``auto`` decides). A CUDA case checks the float16 rules
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import needs_torch_linear_cross_entropy_loss
 
 import fastdl
 import fastdl.functional as F
@@ -94,6 +95,7 @@ def test_cpu_autocast_modules(backend_name, name):
         _compare(ours, reference, "cpu", torch.bfloat16)
 
 
+@needs_torch_linear_cross_entropy_loss
 @pytest.mark.parametrize("backend_name", ["torch", "auto"])
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_cpu_autocast_linear_cross_entropy_with_mixed_dtypes(backend_name, dtypes):

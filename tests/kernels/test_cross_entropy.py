@@ -4,7 +4,7 @@ materialised logits: hard and soft targets, ignore_index, label smoothing, all r
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, check_op, saved_bytes
+from helpers import assert_close, check_op, needs_torch_linear_cross_entropy_loss, saved_bytes
 
 import fastdl
 import fastdl.functional as F
@@ -120,6 +120,7 @@ def test_frozen_weight_and_empty_batch(backend, device):
     assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+@needs_torch_linear_cross_entropy_loss
 @pytest.mark.parametrize("kwargs", [dict(bias=True, label_smoothing=0.1, reduction="sum"),
                                     dict(ignore_index=3), dict(reduction="none"), dict(soft=True)],
                          ids=["bias_smoothing_sum", "ignore_index", "none", "soft"])
