@@ -73,6 +73,16 @@ if [ -n "${CACHE_IN:-}" ]; then
         # The last part may end inside a kernel's files: tar restores everything before the cut
         # and complains about the end, which is expected.
         cat "$CACHE_IN"/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" 2>/dev/null  # parts 0-9
+        # tar leaves the file it was cut in half-written: drop any group file that is not whole
+        # JSON, so that Triton sees a miss there rather than failing to read it.
+        "$PYTHON" - "$TRITON_CACHE_DIR" <<'EOF'
+import json, pathlib, sys
+for group in pathlib.Path(sys.argv[1]).glob("*/__grp__*"):
+    try:
+        json.loads(group.read_text())["child_paths"]
+    except (ValueError, KeyError, TypeError):
+        group.unlink()
+EOF
         echo "== Triton cache restored from $CACHE_IN: $(find "$TRITON_CACHE_DIR" -name '__grp__*' | wc -l) kernels"
     else
         echo "== CACHE_IN=$CACHE_IN holds no triton-cache.tgz.* parts; compiling from scratch"
@@ -102,7 +112,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     SITE="${SITE:-/tmp/fastdl-site}"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$WHEELS"/*.whl >"$LOGS/wheels.log" 2>&1 \
-        && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" \
+        && rm -f "$LOGS/wheels.log" && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" \
         && echo "== wheels from $WHEELS on the path: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')" \
         || echo "== wheels from $WHEELS failed to install (see logs/wheels.log); peers missing"
 fi

@@ -31,6 +31,7 @@ kernel() {  # kernel NAME BYTES: one cache entry
 }
 case "${1:-} ${2:-}" in
     "- ") cat > /dev/null; echo "python 3.12 (stand-in)" ;;
+    "- "*) exec python3 "$@" ;;  # the restored cache's check: real Python
     "-c "*) exit 0 ;;
     "-m pip")
         for arg in "$@"; do [ "$prev" = --target ] && mkdir -p "$arg"; prev="$arg"; done ;;
@@ -113,13 +114,18 @@ def test_two_calls_return_what_a_lent_machine_can_and_carry_the_cache(session, t
 
 def test_a_cache_cut_at_the_parts_limit_restores_whole_kernels_only(session, tmp_path):
     """Two 10 MiB kernels make two parts; with one part kept, the first kernel comes back whole and
-    the second without its group file (a cache miss for Triton, not a broken entry)."""
+    the second without its group file (a cache miss for Triton, not a broken entry). A group file
+    that is not whole JSON (as where tar was cut inside one) is dropped on restore."""
     out = tmp_path / "out"
+    (tmp_path / "cache1" / "torn").mkdir(parents=True)
+    (tmp_path / "cache1" / "torn" / "k.cubin").write_bytes(b"binary")
+    (tmp_path / "cache1" / "torn" / "__grp__k.json").write_text('{"child_paths": {"k.cu')
     stdout, _ = session(1, out, tmp_path / "cache1", KERNEL_BYTES=str(10 * 2**20), CACHE_PARTS="1")
     assert "1 more dropped" in stdout, stdout
     assert _returned(out) == ["compile-sm_90a.json", "logs.tgz", "triton-cache.tgz.0"]
     fresh = tmp_path / "cache2"
     session(2, tmp_path / "out2", fresh, CACHE_IN=str(out), STEPS="install")
     assert (fresh / "precompiled" / "__grp__k.json").exists()
+    assert (fresh / "torn" / "k.cubin").exists() and not (fresh / "torn" / "__grp__k.json").exists()
     assert (fresh / "precompiled" / "k.cubin").stat().st_size == 10 * 2**20
     assert not (fresh / "tested-first" / "__grp__k.json").exists()
