@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, from the repository root, in two calls of at most 6 minutes
-# each, so that both fit a lent GPU's 15 minutes of device time with a machine start before each
-# (a 16-core H100/H200; benchmarks/README.md gives the exact calls):
+# Everything a GPU machine should run, from the repository root, on a 16-core H100/H200
+# (benchmarks/README.md gives the exact calls): in one call of at most 9.5 minutes, which with one
+# machine start fits a lent GPU's 15 minutes of device time, or in two calls of at most 6 minutes,
+# which fit only if the machine stays warm between them (it goes back after 30 s idle):
 #
+#   OUT=/path/to/results CALL=all bash benchmarks/gpu_session.sh  # every step, shorter timeouts
 #   OUT=/path/to/results CALL=1 bash benchmarks/gpu_session.sh    # install, precompile, tests
 #   OUT=/path/to/results CALL=2 bash benchmarks/gpu_session.sh    # install, config sweep, benchmarks
 #
@@ -31,7 +33,8 @@
 # if any step failed. Override by environment:
 #   STEPS="install tests"   which steps to run, in that order (default: those of CALL, else all)
 #   INSTALL_TIMEOUT=30 PRECOMPILE_TIMEOUT=90 TESTS_TIMEOUT=240 SWEEP_TIMEOUT=90
-#   BENCH_TIMEOUT=180 MODELS_TIMEOUT=60   seconds per step (call 1: 360 s, call 2: 360 s at most)
+#   BENCH_TIMEOUT=180 MODELS_TIMEOUT=60   seconds per step (call 1: 360 s, call 2: 360 s at most;
+#                                       CALL=all: 30, 60, 200, 60, 150, 50, 550 s at most)
 #   PRECOMPILE_ARGS="--cover"           compile_report arguments (drop --cover for every launch)
 #   BENCH_BUDGET=<BENCH_TIMEOUT - 40>   the runner starts no new case after this
 #   BENCH_ARGS="--quick"                extra arguments for the runner
@@ -49,12 +52,17 @@ case "${CALL:-}" in
     *) DEFAULT_STEPS="install precompile tests sweep bench models" ;;
 esac
 STEPS="${STEPS:-$DEFAULT_STEPS}"
-INSTALL_TIMEOUT="${INSTALL_TIMEOUT:-30}"
-PRECOMPILE_TIMEOUT="${PRECOMPILE_TIMEOUT:-90}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-240}"
-SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-90}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-180}"
-MODELS_TIMEOUT="${MODELS_TIMEOUT:-60}"
+if [ "${CALL:-}" = all ]; then  # one call: every step, in 550 s
+    set -- 30 60 200 60 150 50
+else
+    set -- 30 90 240 90 180 60
+fi
+INSTALL_TIMEOUT="${INSTALL_TIMEOUT:-$1}"
+PRECOMPILE_TIMEOUT="${PRECOMPILE_TIMEOUT:-$2}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-$3}"
+SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-$4}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-$5}"
+MODELS_TIMEOUT="${MODELS_TIMEOUT:-$6}"
 PRECOMPILE_ARGS="${PRECOMPILE_ARGS:---cover}"
 BENCH_BUDGET="${BENCH_BUDGET:-$((BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2))}"
 BENCH_ARGS="${BENCH_ARGS:-}"

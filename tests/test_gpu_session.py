@@ -58,7 +58,7 @@ def session(tmp_path):
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def run(call: int, out: Path, cache: Path, **env) -> tuple[str, list[str]]:
+    def run(call: int | str, out: Path, cache: Path, **env) -> tuple[str, list[str]]:
         calls.write_text("")
         full = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), OUT=str(out), CALL=str(call),
                     TRITON_CACHE_DIR=str(cache), PYTEST_WORKERS="2", WHEELS=str(tmp_path / "no-wheels"))
@@ -129,3 +129,13 @@ def test_a_cache_cut_at_the_parts_limit_restores_whole_kernels_only(session, tmp
     assert (fresh / "torn" / "k.cubin").exists() and not (fresh / "torn" / "__grp__k.json").exists()
     assert (fresh / "precompiled" / "k.cubin").stat().st_size == 10 * 2**20
     assert not (fresh / "tested-first" / "__grp__k.json").exists()
+
+
+def test_one_call_runs_every_step_within_a_ten_minute_call(session, tmp_path):
+    stdout, calls = session("all", tmp_path / "out", tmp_path / "cache")
+    limits = [int(line.split("at most ")[1].split("s)")[0]) for line in stdout.splitlines()
+              if line.startswith("== ") and "(at most " in line]
+    assert len(limits) == 6 and sum(limits) <= 560, stdout
+    for step in ("install", "precompile", "tests", "sweep", "bench", "models"):
+        assert f"{step}: ok" in stdout, stdout
+    assert sum("benchmarks.run" in c for c in calls) == 2
