@@ -27,8 +27,7 @@
 # oldest first (the precompiled launches before the tests' own) in at most CACHE_PARTS parts of
 # 15 MiB; CACHE_IN=<folder with those parts> restores them into the same TRITON_CACHE_DIR (Triton's
 # cache records absolute paths), so a second call on a fresh machine does not compile them again.
-# It holds no PTX, so a precompile step on a restored cache asks ptxas nothing and fails: call 2
-# does not precompile.
+# It holds no PTX, which compile_report reads for every kernel, so call 2 does not precompile.
 # Every step runs under `timeout` and the script goes on after a failing step; it exits non-zero
 # if any step failed. Override by environment:
 #   STEPS="install tests"   which steps to run, in that order (default: those of CALL, else all)
