@@ -8,6 +8,8 @@ the kernels run what the interpreter can compute (it has no bf16 dot product: at
 takes the torch path, as ``auto`` decides). A CUDA case checks the float16 rules on a GPU.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -93,6 +95,27 @@ def test_cpu_autocast_modules(backend_name, name):
     ours, reference = _module_pair(name)
     with fastdl.backend.use(backend_name):
         _compare(ours, reference, "cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_encoder_layer_in_inference_keeps_float32(backend_name, dtype):
+    """README, "Autocast": in evaluation without grad, torch's encoder layer takes its fused fast
+    path under CPU autocast (its check looks at CUDA autocast only) and returns the autocast dtype;
+    fastdl's returns float32, as torch's layer does with grad, and is closer to float64 math."""
+    torch.manual_seed(0)
+    reference = torch.nn.TransformerEncoderLayer(D, 2, 24, dropout=0.0, batch_first=True).eval()
+    ours = fnn.TransformerEncoderLayer(D, 2, 24, dropout=0.0, batch_first=True).eval()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        want = copy.deepcopy(reference).double()(x.double())
+        with fastdl.backend.use(backend_name), torch.autocast("cpu", dtype=dtype):
+            theirs, got = reference(x), ours(x)
+    assert theirs.dtype == dtype and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= (theirs.double() - want).abs().max()
+    with fastdl.backend.use(backend_name), torch.autocast("cpu", dtype=dtype):
+        assert reference(x).dtype == ours(x).dtype == torch.float32  # with grad: torch's own path
 
 
 @needs_torch_linear_cross_entropy_loss
