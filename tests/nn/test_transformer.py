@@ -8,6 +8,7 @@ and its detection), key padding. Dropout > 0: seeds reproduce, eval is determini
 is respected. Tiny sizes: the interpreter runs the real kernels.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -368,6 +369,21 @@ def test_layers_inside_torch_encoder(torch_path):
     with torch.no_grad():
         assert_close("output", ours.eval()(x, src_key_padding_mask=pad),
                      ref.eval()(x, src_key_padding_mask=pad).double(), rtol=1e-6)
+
+
+def test_float_mask_in_inference_as_torchs_regular_path(backend, device):
+    """README, Parity: in evaluation without grad, torch's encoder layer runs its fused fast path,
+    which returns NaN for a float mask of random values on CPU (PyTorch 2.13); fastdl's layer
+    computes what torch's regular path (taken with grad) computes."""
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(D, 2, FF, 0.0, batch_first=True, device=device).eval()
+    ours = fastdl.nn.TransformerEncoderLayer(D, 2, FF, 0.0, batch_first=True, device=device).eval()
+    ours.load_state_dict(ref.state_dict())
+    x, mask = _seq(S, True, device), torch.randn(S, S, device=device)
+    want = copy.deepcopy(ref).double()(x.double(), src_mask=mask.double())  # with grad: regular path
+    with torch.no_grad():
+        got = ours(x, src_mask=mask)
+    assert_close("output", got, want)
 
 
 def test_mask_errors(torch_path):
