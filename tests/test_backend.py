@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,39 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           timeout=300)
+
+
+def test_top_level_kernels_is_not_this_repository(tmp_path):
+    """Run from the repository root (``python -m pytest``, ``python -c``), Python sees kernels/ as
+    a top-level ``kernels``: the name of Hugging Face's package, which transformers >= 5.25 imports.
+    The folder hands that import to the installed package (here a stand-in on PYTHONPATH, behind
+    the root), submodules included, and is still fastdl.kernels; with none installed the import
+    fails as Python's would."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("WHO = 'hub'\n")
+    (tmp_path / "kernels" / "layer.py").write_text("from kernels import WHO\n")
+    code = (
+        "import sys; assert sys.path[0] == '', sys.path[0]\n"  # the root is on the path, first
+        "import kernels, kernels.layer, fastdl.kernels.utils as u\n"
+        "print(kernels.WHO, kernels.layer.WHO, kernels.__file__, u.__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDL_BACKEND")}
+    run = lambda c, **e: subprocess.run([sys.executable, "-c", c], cwd=root, capture_output=True, text=True,
+                                        env=dict(env, **e), timeout=300)
+    result = run(code, PYTHONPATH=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    hub = str(tmp_path / "kernels" / "__init__.py")
+    assert result.stdout.split() == ["hub", "hub", hub, "fastdl.kernels.utils"]
+
+    # Without the stand-in: the installed package if there is one (transformers >= 5.25 brings it), else
+    # the error of a missing module -- never this folder under the name.
+    result = run("import kernels; print(kernels.__file__)")
+    if result.returncode == 0:
+        assert not Path(result.stdout.strip()).is_relative_to(root / "kernels"), result.stdout
+    else:
+        assert "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+        assert "is fastdl.kernels" in result.stderr
 
 
 def test_import_and_run_without_triton():
