@@ -21,7 +21,8 @@ Checks (``--check``, the CI gate): every compile succeeds; shared memory within 
 limit (227 KB sm_90a, 163 KB sm_80); no register spills in fp16/bf16 launches, nor in attention's
 fp32 ones (3xTF32 on tensor cores, with head-dim chunks where registers are short); sm_90a attention
 forward and backward use ``wgmma``; the memory-bound kernels issue vector global loads at aligned
-widths; fp16/bf16/fp32 launches compute nothing in float64; every ``@triton.jit`` kernel in
+widths; fp16/bf16/fp32 launches compute nothing in float64; the norm backwards' streamed rows end
+in a barrier (the next row reads their partial sums back); every ``@triton.jit`` kernel in
 ``kernels/`` is launched by some spec and every boolean constexpr is seen both ways. ``--cover``
 compiles, per target, a subset of the launches chosen so that each config, each constexpr value
 and each dtype of every kernel is compiled at least once.
@@ -52,6 +53,9 @@ MEMORY_BOUND = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_dropout_kernel", "_dro
                 "_dropout_add_norm_bwd_kernel", "_gather_kernel", "_bert_embeddings_fwd_kernel"}
 # Attention kernels that must run on Hopper's warpgroup MMA (fp16/bf16 and tf32 dot products).
 WGMMA = {"_attn_fwd_kernel", "_attn_bwd_kv_kernel", "_attn_bwd_q_kernel"}
+# Kernels whose streamed rows (ONE_BLOCK off) add to partial sums in global memory that the next
+# row reads back, possibly from other threads: a CTA barrier must order each row's stores.
+ROW_READ_MODIFY_WRITE = {"_norm_bwd_kernel", "_dropout_add_norm_bwd_kernel"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def covering_subset(records: list[dict]) -> list[dict]:
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9_]+)*\.v[248]\.")
+_BARRIER = re.compile(r"\b(?:gpu|ttg)\.barrier\b")  # tl.debug_barrier() in TTGIR (Triton 3.6, 3.9)
 # float64 arithmetic, or a widening to float64: a float64 scalar argument that leaked into the
 # element math of an fp16/bf16/fp32 launch (its kernels convert such scalars to ACC first).
 _F64_MATH = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|min|max|neg|abs)(?:\.[a-z0-9]+)*\.f64\b"
@@ -280,6 +285,7 @@ def compile_one(args) -> dict:
     row["wgmma"] = "wgmma" in ptx
     row["vector_loads"] = bool(_VECTOR_LOAD.search(ptx))
     row["f64_math"] = len(_F64_MATH.findall(ptx))
+    row["barriers"] = len(_BARRIER.findall(kernel.asm["ttgir"]))
     return row
 
 
@@ -318,6 +324,9 @@ def findings(rows: list[dict]) -> list[str]:
             out.append(f"{where}: no wgmma")
         if r["kernel"] in MEMORY_BOUND and "aligned" in r["case"] and not r["vector_loads"]:
             out.append(f"{where}: no vectorised global loads")
+        if (r["kernel"] in ROW_READ_MODIFY_WRITE and r["constexprs"].get("ONE_BLOCK") is False
+                and not r.get("barriers")):
+            out.append(f"{where}: no barrier between rows adding to the partial sums")
         computes_f64 = r["dtype"] == "fp64" or r["constexprs"].get("ACC") == "fp64"
         if not computes_f64 and r.get("f64_math", 0):
             out.append(f"{where}: {r['f64_math']} float64 instructions in a {r['dtype']} launch")

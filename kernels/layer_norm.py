@@ -175,7 +175,7 @@ def _norm_bwd_kernel(
             tl.store(DB_PART + cols, db, mask=mask)
     else:
         # Long rows: one pass for the two row sums, one for dx. The partial dw/db rows are
-        # private to this program (zero-initialised by the launcher), so read-modify-write is safe.
+        # private to this program (zero-initialised by the launcher): each row adds to them.
         for i in range(0, num_rows):
             r = row_start + i
             rstd = tl.load(RSTD + r)
@@ -200,6 +200,9 @@ def _norm_bwd_kernel(
                 if HAS_B:
                     part = tl.load(DB_PART + cols, mask=mask, other=0.0)
                     tl.store(DB_PART + cols, part + dy, mask=mask)
+            # The next row reads these partial sums back, and the compiler may store them in another
+            # layout than it loads them (another thread per element): a barrier orders the two.
+            tl.debug_barrier()
 
 
 # Rows longer than one block are streamed in blocks of this many elements: a bigger block buys
@@ -499,13 +502,16 @@ def _dropout_add_norm_bwd_kernel(
                     keep = dropout_keep(seed, dropout_counters(row, start, N, BLOCK_N), threshold)
                     ds = tl.where(keep, ds * scale, ds * 0.0)
                 tl.store(DX + offsets, ds, mask=mask)
-                # Private partial rows (zero-initialised by the launcher): read-modify-write is safe.
+                # Private partial rows (zero-initialised by the launcher), as in _norm_bwd_kernel.
                 if HAS_W:
                     part = tl.load(DW_PART + cols, mask=mask, other=0.0)
                     tl.store(DW_PART + cols, part + dy * xhat, mask=mask)
                 if HAS_B:
                     part = tl.load(DB_PART + cols, mask=mask, other=0.0)
                     tl.store(DB_PART + cols, part + dy, mask=mask)
+            # The next row reads these partial sums back, and the compiler may store them in another
+            # layout than it loads them (another thread per element): a barrier orders the two.
+            tl.debug_barrier()
 
 
 @ensure_contiguous
