@@ -22,7 +22,8 @@ limit (227 KB sm_90a, 163 KB sm_80); no register spills in fp16/bf16 launches, n
 fp32 ones (3xTF32 on tensor cores, with head-dim chunks where registers are short); sm_90a attention
 forward and backward use ``wgmma``; the memory-bound kernels issue vector global loads at aligned
 widths; fp16/bf16/fp32 launches compute nothing in float64; the norm backwards' streamed rows end
-in a barrier (the next row reads their partial sums back); every ``@triton.jit`` kernel in
+in a barrier (the next row reads their partial sums back); every ``tl.dot`` block is at least 16
+in every dimension; every ``@triton.jit`` kernel in
 ``kernels/`` is launched by some spec and every boolean constexpr is seen both ways. ``--cover``
 compiles, per target, a subset of the launches chosen so that each config, each constexpr value
 and each dtype of every kernel is compiled at least once.
@@ -225,6 +226,9 @@ _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _VECTOR_LOAD = re.compile(r"ld\.global(\.[a-z0-9_]+)*\.v[248]\.")
 _BARRIER = re.compile(r"\b(?:gpu|ttg)\.barrier\b")  # tl.debug_barrier() in TTGIR (Triton 3.6, 3.9)
+# A dot product's operand and result shapes in TTGIR (tt.dot, or Hopper's warp_group_dot).
+_DOT_LINE = re.compile(r" = (?:tt\.dot|ttng\.warp_group_dot) .*")
+_DOT_SHAPE = re.compile(r"(?:tensor|memdesc)<(\d+)x(\d+)x")
 # float64 arithmetic, or a widening to float64: a float64 scalar argument that leaked into the
 # element math of an fp16/bf16/fp32 launch (its kernels convert such scalars to ACC first).
 _F64_MATH = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|min|max|neg|abs)(?:\.[a-z0-9]+)*\.f64\b"
@@ -286,6 +290,9 @@ def compile_one(args) -> dict:
     row["vector_loads"] = bool(_VECTOR_LOAD.search(ptx))
     row["f64_math"] = len(_F64_MATH.findall(ptx))
     row["barriers"] = len(_BARRIER.findall(kernel.asm["ttgir"]))
+    dims = [int(d) for line in _DOT_LINE.findall(kernel.asm["ttgir"]) for shape in _DOT_SHAPE.findall(line)
+            for d in shape]
+    row["min_dot_dim"] = min(dims, default=None)
     return row
 
 
@@ -327,6 +334,8 @@ def findings(rows: list[dict]) -> list[str]:
         if (r["kernel"] in ROW_READ_MODIFY_WRITE and r["constexprs"].get("ONE_BLOCK") is False
                 and not r.get("barriers")):
             out.append(f"{where}: no barrier between rows adding to the partial sums")
+        if r.get("min_dot_dim") is not None and r["min_dot_dim"] < 16:
+            out.append(f"{where}: a tl.dot block of {r['min_dot_dim']} (GPUs need at least 16)")
         computes_f64 = r["dtype"] == "fp64" or r["constexprs"].get("ACC") == "fp64"
         if not computes_f64 and r.get("f64_math", 0):
             out.append(f"{where}: {r['f64_math']} float64 instructions in a {r['dtype']} launch")
