@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_scale
+from .layer_norm import scale_shift
 from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, check_grid, dropout_counters,
                     dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
                     sum_partials)
@@ -263,11 +264,7 @@ def _bert_embeddings_fwd_kernel(
     mean = tl.sum(s, axis=0) / N
     xc = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-    y = xc * rstd
-    if HAS_W:
-        y = y * tl.load(LN_W + cols, mask=mask, other=0.0).to(ACC)
-    if HAS_B:
-        y = y + tl.load(LN_B + cols, mask=mask, other=0.0).to(ACC)
+    y = scale_shift(xc * rstd, LN_W, LN_B, cols, mask, HAS_W, HAS_B, ACC)
     offsets = row * N + cols
     if DROPOUT:
         keep = dropout_keep(tl.load(SEED), dropout_counters(row, 0, N, BLOCK_N), threshold)

@@ -34,6 +34,27 @@ from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, ch
                     sum_partials)
 
 
+@triton.jit
+def scale_shift(y, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """y * W[cols] + B[cols] in ACC: the norms' affine step (the weight left out without HAS_W,
+    the bias without HAS_B)."""
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+    return y
+
+
+@triton.jit
+def _add_to_partial_rows(DW_PART, DB_PART, cols, mask, dw, db, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """DW_PART[cols] += dw, DB_PART[cols] += db: a streamed row's block of dw/db added to the partial
+    rows of its program (private to that program, zero-initialised by the launcher)."""
+    if HAS_W:
+        tl.store(DW_PART + cols, tl.load(DW_PART + cols, mask=mask, other=0.0) + dw, mask=mask)
+    if HAS_B:
+        tl.store(DB_PART + cols, tl.load(DB_PART + cols, mask=mask, other=0.0) + db, mask=mask)
+
+
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,  # X, Y: (M, N); W, B: (N,); MEAN, RSTD: (M,) float32/64
@@ -56,11 +77,7 @@ def _norm_fwd_kernel(
         m = 0.0 if IS_RMS else tl.sum(xs, axis=0) / N
         xc = tl.where(mask, xs - m, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        y = xc * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        y = scale_shift(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, ACC)
         tl.store(Y + cols, y, mask=mask)
     else:
         m = 0.0
@@ -82,10 +99,7 @@ def _norm_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             y = (tl.load(X + cols, mask=mask, other=0.0).to(ACC) - shift - m) * rstd
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_B:
-                y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+            y = scale_shift(y, W, B, cols, mask, HAS_W, HAS_B, ACC)
             tl.store(Y + cols, y, mask=mask)
     mean = shift + m
     if not IS_RMS:
@@ -194,12 +208,7 @@ def _norm_bwd_kernel(
                 else:
                     g = dy
                 tl.store(DX + r * stride_dx_row + cols, (g - xhat * c1 - c2) * rstd, mask=mask)
-                if HAS_W:
-                    part = tl.load(DW_PART + cols, mask=mask, other=0.0)
-                    tl.store(DW_PART + cols, part + dy * xhat, mask=mask)
-                if HAS_B:
-                    part = tl.load(DB_PART + cols, mask=mask, other=0.0)
-                    tl.store(DB_PART + cols, part + dy, mask=mask)
+                _add_to_partial_rows(DW_PART, DB_PART, cols, mask, dy * xhat, dy, HAS_W, HAS_B)
             # The next row reads these partial sums back, and the compiler may store them in another
             # layout than it loads them (another thread per element): a barrier orders the two.
             tl.debug_barrier()
@@ -384,11 +393,7 @@ def _dropout_add_norm_fwd_kernel(
         m = tl.sum(xs, axis=0) / N
         xc = tl.where(mask, xs - m, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        y = xc * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        y = scale_shift(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, ACC)
         tl.store(Y + base + cols, y, mask=mask)
     else:
         # Long rows: s is recomputed in each pass from x, residual and the seed (cheaper than
@@ -420,10 +425,7 @@ def _dropout_add_norm_fwd_kernel(
                              BLOCK_N)
             tl.store(PRE + base + cols, s, mask=mask)
             y = (s - shift - m) * rstd
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_B:
-                y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+            y = scale_shift(y, W, B, cols, mask, HAS_W, HAS_B, ACC)
             tl.store(Y + base + cols, y, mask=mask)
     tl.store(MEAN + row, shift + m)
     tl.store(RSTD + row, rstd)
@@ -502,13 +504,7 @@ def _dropout_add_norm_bwd_kernel(
                     keep = dropout_keep(seed, dropout_counters(row, start, N, BLOCK_N), threshold)
                     ds = tl.where(keep, ds * scale, ds * 0.0)
                 tl.store(DX + offsets, ds, mask=mask)
-                # Private partial rows (zero-initialised by the launcher), as in _norm_bwd_kernel.
-                if HAS_W:
-                    part = tl.load(DW_PART + cols, mask=mask, other=0.0)
-                    tl.store(DW_PART + cols, part + dy * xhat, mask=mask)
-                if HAS_B:
-                    part = tl.load(DB_PART + cols, mask=mask, other=0.0)
-                    tl.store(DB_PART + cols, part + dy, mask=mask)
+                _add_to_partial_rows(DW_PART, DB_PART, cols, mask, dy * xhat, dy, HAS_W, HAS_B)
             # The next row reads these partial sums back, and the compiler may store them in another
             # layout than it loads them (another thread per element): a barrier orders the two.
             tl.debug_barrier()
