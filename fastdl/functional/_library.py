@@ -46,9 +46,37 @@ _DIFFERENTIATING = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
 def operator(name: str, mutates_args: Sequence[str] = ()):
     """``torch.library.custom_op("fastdl::<name>")``. Its implementation runs below autocast (the
     dispatcher excludes the autocast keys there), so the front does the casting; it refuses
-    forward-mode AD (:func:`refusing_tangents`)."""
-    return lambda fn: torch.library.custom_op(f"fastdl::{name}", refusing_tangents(name, fn),
-                                              mutates_args=tuple(mutates_args))
+    forward-mode AD (:func:`refusing_tangents`) and runs on its tensors' GPU
+    (:func:`on_inputs_device`)."""
+    return lambda fn: torch.library.custom_op(
+        f"fastdl::{name}", on_inputs_device(refusing_tangents(name, fn)), mutates_args=tuple(mutates_args))
+
+
+def on_inputs_device(fn: Callable) -> Callable:
+    """``fn``, run with its first CUDA tensor argument's device as the current CUDA device. Triton
+    launches on the current device (and its current stream), and PyTorch sets no device for a
+    custom operator: without this, tensors on ``cuda:1`` while ``cuda:0`` is current -- a model
+    moved with ``.to("cuda:1")``, no ``torch.cuda.set_device`` -- would be refused by Triton's
+    launcher. The common case, tensors on the current device, costs one device query."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = cuda_device_of(args, kwargs.values())
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    run.runs_on_inputs_device = True
+    return run
+
+
+def cuda_device_of(*groups) -> torch.device | None:
+    """The device of the first CUDA tensor among the arguments in ``groups``, else None."""
+    for group in groups:
+        for arg in group:
+            if isinstance(arg, torch.Tensor) and arg.is_cuda:
+                return arg.device
+    return None
 
 
 def fake(op):
