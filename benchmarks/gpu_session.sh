@@ -9,11 +9,14 @@
 #   OUT=/path/to/results CALL=2 bash benchmarks/gpu_session.sh    # install, config sweep, benchmarks
 #
 # 1. install     pip install --no-deps --no-build-isolation -e .  (PyTorch, Triton, pytest come with
-#                the machine; nothing else is installed)
+#                the machine; nothing else is installed), then fastdl.kernels imported to prove it
 # 2. precompile  python -m benchmarks.compile_report: every kernel's covering set of launches for
 #                sm_90a, compiled by a process pool into the Triton cache    -> $OUT/compile-sm_90a.json
 # 3. tests       the CUDA tests only (-m cuda), configs pinned (FASTDL_AUTOTUNE=first), one worker per
-#                core, all compiling into the one cache
+#                core, all compiling into the one cache; a file that fails to import is reported and the
+#                others run (--continue-on-collection-errors); a test that hangs fails after 120 s
+#                (pytest-timeout), and at the step's timeout pytest is interrupted (SIGINT), so it
+#                still writes junit.xml and names the failures
 # 4. sweep       the attention CUDA tests once per other config index (FASTDL_AUTOTUNE=1..3)
 # 5. bench       python -m benchmarks.run, kernels forward and forward+backward -> the runner's
 #                <gpu>-<date>.json/.md/.png in $OUT
@@ -29,16 +32,21 @@
 # cache records absolute paths), so a second call on a fresh machine does not compile them again.
 # It holds no PTX, which compile_report reads for every kernel, so call 2 does not precompile.
 # Every step runs under `timeout` and the script goes on after a failing step; it exits non-zero
-# if any step failed. Override by environment:
+# if any step failed. With CALL=all no step runs past TOTAL seconds (570) less the 40 s that packing
+# the logs and the cache takes: a step is cut short, or skipped, to fit. Override by environment:
 #   STEPS="install tests"   which steps to run, in that order (default: those of CALL, else all)
 #   INSTALL_TIMEOUT=30 PRECOMPILE_TIMEOUT=90 TESTS_TIMEOUT=240 SWEEP_TIMEOUT=90
 #   BENCH_TIMEOUT=180 MODELS_TIMEOUT=60   seconds per step (call 1: 360 s, call 2: 360 s at most;
-#                                       CALL=all: 30, 60, 200, 60, 150, 50, 550 s at most)
+#                                       CALL=all: 30, 60, 195, 55, 145, 45, 530 s at most)
+#   TOTAL=570                           CALL=all: seconds the whole script may take (else none)
 #   PRECOMPILE_ARGS="--cover"           compile_report arguments (drop --cover for every launch)
 #   BENCH_BUDGET=<BENCH_TIMEOUT - 40>   the runner starts no new case after this
-#   BENCH_ARGS="--quick"                extra arguments for the runner
+#   BENCH_ARGS=""                       extra arguments for the runner (CALL=all: "--quick")
+#   MODELS_ARGS=""                      extra arguments for the models' run (CALL=all: "--quick
+#                                       --no-compile": compiling BERT-base alone outlasts the step)
 #   PYTEST_WORKERS=16                   parallel test workers (each compiles into the shared cache)
 #   CACHE_OUT=1 CACHE_PARTS=3           pack Triton's cache into $OUT (call 2: CACHE_OUT=0), parts
+#                                       (CALL=all: 1, so that all its files are at most 8)
 #   WHEELS=.whl                         pure-Python peers to put on the path (see below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,11 +59,18 @@ case "${CALL:-}" in
     *) DEFAULT_STEPS="install precompile tests sweep bench models" ;;
 esac
 STEPS="${STEPS:-$DEFAULT_STEPS}"
-if [ "${CALL:-}" = all ]; then  # one call: every step, in 550 s
-    set -- 30 60 200 60 150 50
+if [ "${CALL:-}" = all ]; then  # one call: every step, in 530 s
+    set -- 30 60 195 55 145 45
+    TOTAL="${TOTAL:-570}"
+    CACHE_PARTS="${CACHE_PARTS:-1}"
+    BENCH_ARGS="${BENCH_ARGS---quick}"
+    MODELS_ARGS="${MODELS_ARGS---quick --no-compile}"
 else
     set -- 30 90 240 90 180 60
 fi
+# Steps end by DEADLINE, RESERVE seconds before TOTAL, which the logs' and cache's archives take.
+RESERVE=40
+DEADLINE=$((SECONDS + ${TOTAL:-1000000} - RESERVE))
 INSTALL_TIMEOUT="${INSTALL_TIMEOUT:-$1}"
 PRECOMPILE_TIMEOUT="${PRECOMPILE_TIMEOUT:-$2}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-$3}"
@@ -63,12 +78,12 @@ SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-$4}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-$5}"
 MODELS_TIMEOUT="${MODELS_TIMEOUT:-$6}"
 PRECOMPILE_ARGS="${PRECOMPILE_ARGS:---cover}"
-BENCH_BUDGET="${BENCH_BUDGET:-$((BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2))}"
 BENCH_ARGS="${BENCH_ARGS:-}"
+MODELS_ARGS="${MODELS_ARGS:-}"
 CACHE_OUT="${CACHE_OUT:-$([ "${CALL:-}" = 2 ] && echo 0 || echo 1)}"
 CACHE_PARTS="${CACHE_PARTS:-3}"
 PYTEST_WORKERS="${PYTEST_WORKERS:-$(nproc)}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # the machines' python3 holds PyTorch
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 # Triton's cache lives outside $OUT (thousands of small files) and travels as archive parts;
@@ -102,14 +117,17 @@ pack_cache() {  # Triton's cache into $OUT/triton-cache.tgz.N, binaries and meta
     # kernel either whole or missing (a cache miss), never a group naming a binary that is not there.
     (cd "$TRITON_CACHE_DIR" && ls -tr | while read -r entry; do
         [ -d "$entry" ] || continue
-        find "$entry" -type f \( -name '*.cubin' -o -name '*.json' -o -name '*.txt' \) ! -name '__grp__*'
+        # (*.so: Triton 3.6's compiled launcher for the kernel's signature, else built again by gcc)
+        find "$entry" -type f \( -name '*.cubin' -o -name '*.json' -o -name '*.txt' -o -name '*.so' \) \
+            ! -name '__grp__*'
         find "$entry" -type f -name '__grp__*'
-    done | tar czf - -T -) | split -b 15M -d -a 1 - "$OUT/triton-cache.tgz."
-    local part kept=0 dropped=0
+    done | tar czf - -T -) | head -c $((CACHE_PARTS * 15 * 1024 * 1024 + 1)) | split -b 15M -d -a 1 - "$OUT/triton-cache.tgz."
+    # (head stops the compression once the parts are full; one byte more tells that it was cut)
+    local part kept=0 cut=0
     for part in "$OUT"/triton-cache.tgz.*; do
-        if [ "${part##*.}" -lt "$CACHE_PARTS" ]; then kept=$((kept + 1)); else rm -f "$part"; dropped=$((dropped + 1)); fi
+        if [ "${part##*.}" -lt "$CACHE_PARTS" ]; then kept=$((kept + 1)); else rm -f "$part"; cut=1; fi
     done
-    echo "   Triton cache: $kept part(s) of at most 15 MiB in \$OUT$([ "$dropped" -gt 0 ] && echo ", $dropped more dropped (CACHE_PARTS=$CACHE_PARTS): the newest kernels compile again")"
+    echo "   Triton cache: $kept part(s) of at most 15 MiB in \$OUT$([ "$cut" = 1 ] && echo ", cut there (CACHE_PARTS=$CACHE_PARTS): the newest kernels compile again")"
 }
 # Pure-Python peers the machine lacks (Liger-Kernel) travel as wheels in $WHEELS (default .whl,
 # ignored by git; benchmarks/README.md gives the download): installed into a private folder on the
@@ -124,18 +142,33 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
         || echo "== wheels from $WHEELS failed to install (see logs/wheels.log); peers missing"
 fi
 # Kernel ops first, forward and forward+backward; the model training steps after them.
-KERNEL_OPS="attention layer_norm rms_norm dropout_add_layer_norm batch_norm dropout embedding bert_embeddings"
+KERNEL_OPS="attention layer_norm rms_norm dropout_add_layer_norm batch_norm dropout embedding bert_embeddings
+    linear_cross_entropy"
 MODEL_OPS="bert_train vit_train"
 
 declare -A STATUS=()
 failed=0
 
+allowed() {  # allowed SECONDS: SECONDS, or less where the deadline comes first (0 when past it)
+    local left=$((DEADLINE - SECONDS))
+    echo $(( $1 < left ? $1 : (left > 0 ? left : 0) ))
+}
+
 step() {  # step NAME SECONDS LOGFILE COMMAND...: run under timeout, log, remember the status
     local name="$1" seconds="$2" log="$3"
     shift 3
+    if [ "$seconds" -lt 5 ]; then
+        STATUS[$name]="skipped: the call's ${TOTAL}s were spent"
+        failed=1
+        echo "== $name: ${STATUS[$name]}"
+        return
+    fi
     echo "== $name (at most ${seconds}s): $*"
     local start=$SECONDS
-    timeout -k 15 "$seconds" "$@" >"$log" 2>&1
+    # pytest on SIGINT still writes its summary and junit.xml; the runner writes its files on SIGTERM
+    local signal=TERM
+    [ "$name" = tests ] || [ "$name" = sweep ] && signal=INT
+    timeout -s "$signal" -k 10 "$seconds" "$@" >"$log" 2>&1
     local rc=$?
     local took=$((SECONDS - start))
     if [ "$rc" -eq 0 ]; then
@@ -161,8 +194,8 @@ print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("cuda available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for name in ("triton", "pytest", "pytest_benchmark", "xdist", "transformers", "flash_attn",
-             "liger_kernel", "apex", "matplotlib"):
+for name in ("triton", "pytest", "pytest_benchmark", "xdist", "pytest_timeout", "expecttest", "transformers",
+             "flash_attn", "liger_kernel", "apex", "matplotlib"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "installed"))
     except Exception as err:
@@ -175,38 +208,46 @@ workers=()
 if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
     workers=(-n "$PYTEST_WORKERS")
 fi
+if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
+    workers+=(--timeout=120)  # a hung kernel fails its test instead of the step
+fi
 
 for name in $STEPS; do
     case "$name" in
         install)
-            step install "$INSTALL_TIMEOUT" "$LOGS/install.log" \
-                "$PYTHON" -m pip install --no-deps --no-build-isolation -e . ;;
+            # no registry there: --no-index; the import proves fastdl.kernels (package-dir) resolves
+            step install "$(allowed "$INSTALL_TIMEOUT")" "$LOGS/install.log" bash -c '
+                "$0" -m pip install --no-index --disable-pip-version-check --no-deps --no-build-isolation -e . &&
+                "$0" -c "import fastdl.kernels.utils"' "$PYTHON" ;;
         precompile)
             # shellcheck disable=SC2086  # PRECOMPILE_ARGS is a list of words
-            step precompile "$PRECOMPILE_TIMEOUT" "$LOGS/precompile.log" \
+            step precompile "$(allowed "$PRECOMPILE_TIMEOUT")" "$LOGS/precompile.log" \
                 "$PYTHON" -m benchmarks.compile_report --targets sm_90a --jobs "$(nproc)" --quiet \
                 $PRECOMPILE_ARGS --out "$OUT/compile-sm_90a.json" ;;
         tests)
-            step tests "$TESTS_TIMEOUT" "$LOGS/tests.log" env FASTDL_AUTOTUNE=first \
-                "$PYTHON" -m pytest -q -m cuda "${workers[@]}" --junitxml="$LOGS/junit.xml" -p no:cacheprovider ;;
+            step tests "$(allowed "$TESTS_TIMEOUT")" "$LOGS/tests.log" env FASTDL_AUTOTUNE=first \
+                "$PYTHON" -m pytest -q -rfE -m cuda "${workers[@]}" --continue-on-collection-errors --junitxml="$LOGS/junit.xml" -p no:cacheprovider ;;
         sweep)
-            step sweep "$SWEEP_TIMEOUT" "$LOGS/sweep.log" bash -c '
+            step sweep "$(allowed "$SWEEP_TIMEOUT")" "$LOGS/sweep.log" bash -c '
                 status=0
                 for i in 1 2 3; do
                     echo "== FASTDL_AUTOTUNE=$i"
-                    FASTDL_AUTOTUNE=$i "$0" -m pytest -q -m cuda "${@}" -p no:cacheprovider \
+                    FASTDL_AUTOTUNE=$i "$0" -m pytest -q -rfE -m cuda "${@}" -p no:cacheprovider --continue-on-collection-errors \
                         tests/kernels/test_attention.py -k "forward_backward or head_dims or mask" || status=1
                 done
                 exit $status' "$PYTHON" "${workers[@]}" ;;
         bench)
+            seconds=$(allowed "$BENCH_TIMEOUT")
+            budget="${BENCH_BUDGET:-$((seconds > 80 ? seconds - 40 : seconds / 2))}"
             # shellcheck disable=SC2086  # BENCH_ARGS and KERNEL_OPS are lists of words
-            step bench "$BENCH_TIMEOUT" "$LOGS/bench.log" \
-                "$PYTHON" -u -m benchmarks.run --out "$OUT" --budget "$BENCH_BUDGET" --ops $KERNEL_OPS $BENCH_ARGS ;;
+            step bench "$seconds" "$LOGS/bench.log" \
+                "$PYTHON" -u -m benchmarks.run --out "$OUT" --budget "$budget" --ops $KERNEL_OPS $BENCH_ARGS ;;
         models)
+            seconds=$(allowed "$MODELS_TIMEOUT")
             # shellcheck disable=SC2086
-            step models "$MODELS_TIMEOUT" "$LOGS/models.log" \
-                "$PYTHON" -u -m benchmarks.run --out "$OUT/models" --budget "$((MODELS_TIMEOUT * 2 / 3))" \
-                --ops $MODEL_OPS --no-plot $BENCH_ARGS ;;
+            step models "$seconds" "$LOGS/models.log" \
+                "$PYTHON" -u -m benchmarks.run --out "$OUT/models" --budget "$((seconds * 2 / 3))" \
+                --ops $MODEL_OPS --no-plot $MODELS_ARGS ;;
         *)
             echo "unknown step $name (known: install precompile tests sweep bench models)"
             failed=1 ;;
@@ -219,6 +260,6 @@ for name in $STEPS; do
 done
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/   tests: /'
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
-[ "$CACHE_OUT" = 1 ] && pack_cache
+[ "$CACHE_OUT" = 1 ] && pack_cache  # (under a minute: gzip of binaries, cut at CACHE_PARTS parts)
 ls -l "$OUT"
 exit "$failed"

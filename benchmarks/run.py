@@ -23,8 +23,10 @@ What it does:
    ``<out>/<gpu>-<date>.md`` (the tables in markdown, to paste into benchmarks/README.md) and
    ``<out>/<gpu>-<date>.png`` (throughput against size, one panel per op and mode; skipped with
    a message when matplotlib is not importable). The JSON and markdown are rewritten after every
-   case, so an interrupted run keeps what it measured; on SIGTERM (``timeout``) the runner stops
-   timing, writes all three files and exits with status 3.
+   implementation, so an interrupted run keeps what it measured; on SIGTERM (``timeout``) the
+   runner stops timing, writes all three files and exits with status 3. A CUDA error that
+   poisons the process (an illegal address, a device-side assert) stops the run too: the report
+   names the case and implementation under ``"fatal"`` and the runner exits with status 4.
 
 An op whose fastdl function has not landed is reported "not available"; an implementation that
 fails (out of memory, unsupported shape, a missing peer) is recorded with its reason and the run
@@ -37,8 +39,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
+import itertools
 import json
 import math
+import os
 import platform
 import re
 import signal
@@ -164,6 +169,28 @@ def measure_ceilings(timer: Timer, device: str, quick: bool) -> dict[str, Any]:
     }
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True, cwd=Path(__file__).resolve().parent).stdout
+        return out.strip() or None
+    except Exception:
+        return None
+
+
+def _version(name: str) -> str | None:
+    """An importable package's installed version (its distribution's: ``liger_kernel.__version__``
+    is None), else None."""
+    try:
+        module = __import__(name)
+    except Exception:
+        return None
+    try:
+        return importlib.metadata.version(name.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(module, "__version__", None) or "installed"
+
+
 def _driver_version() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -181,6 +208,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("FASTDL_")},
     }
     try:
         import triton
@@ -200,14 +229,7 @@ def machine_info(device: str) -> dict[str, Any]:
     else:
         info.update(gpu=None, driver=None, cpu=platform.processor() or platform.machine(),
                     threads=torch.get_num_threads())
-    peers = {}
-    for name in PEERS:
-        try:
-            module = __import__(name)
-            peers[name] = getattr(module, "__version__", "installed")
-        except Exception:
-            peers[name] = None
-    info["peers"] = peers
+    info["peers"] = {name: _version(name) for name in PEERS}
     return info
 
 
@@ -235,8 +257,27 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+# Errors after which every later CUDA call of the process fails too.
+_STICKY = ("illegal memory access", "illegal address", "device-side assert", "unspecified launch failure",
+           "misaligned address", "illegal instruction")
+
+
 def run_impl(timer: Timer, case: Case, builder, device: str, ceiling: float) -> dict[str, Any]:
-    """Build, first-call, time and measure one implementation of one case."""
+    """Build, first-call, time and measure one implementation of one case. ``"fatal": True`` in
+    the result when the error left the CUDA context unusable."""
+    result = _measure(timer, case, builder, ceiling)
+    try:
+        _free(device)
+    except Exception as err:  # the error surfaced at the synchronisation, or it is sticky
+        if result["status"] == "ok":
+            result = {"status": "error", "reason": _error(err)}
+        result["fatal"] = True
+    if result["status"] == "error" and any(s in result["reason"] for s in _STICKY):
+        result["fatal"] = True
+    return result
+
+
+def _measure(timer: Timer, case: Case, builder, ceiling: float) -> dict[str, Any]:
     impl = None
     try:
         build_start = time.perf_counter()
@@ -258,33 +299,68 @@ def run_impl(timer: Timer, case: Case, builder, device: str, ceiling: float) -> 
         return {"status": "error", "reason": _error(err)}
     finally:
         del impl
-        _free(device)
 
 
-def run_case(timer: Timer, case: Case, ceilings: dict, device: str) -> dict[str, Any]:
-    results = {name: run_impl(timer, case, builder, device, ceilings[case.unit])
-               for name, builder in case.impls.items()}
-    speedup = {}
-    fast = results.get("fastdl", {})
-    if fast.get("status") == "ok":
-        for name, res in results.items():
-            if name != "fastdl" and res.get("status") == "ok":
-                speedup[name] = res["ms"] / fast["ms"]
+def case_record(case: Case) -> dict[str, Any]:
+    """A case's entry in the report, before any implementation ran."""
     return {"index": case.index, "mode": case.mode, "label": case.label, "params": case.params,
             "unit": case.unit, "work": case.work, "x": case.x, "x_name": case.x_name, "panel": case.panel,
-            "results": results, "fastdl_speedup": speedup}
+            "results": {}, "fastdl_speedup": {}}
+
+
+def add_result(record: dict[str, Any], name: str, result: dict[str, Any]) -> None:
+    """One implementation's result into its case's entry, and fastdl's speed-ups updated."""
+    record["results"][name] = result
+    results, speedup = record["results"], {}
+    fast = results.get("fastdl", {})
+    if fast.get("status") == "ok":
+        for other, res in results.items():
+            if other != "fastdl" and res.get("status") == "ok":
+                speedup[other] = res["ms"] / fast["ms"]
+    record["fastdl_speedup"] = speedup
+
+
+def run_case(timer: Timer, case: Case, ceilings: dict, device: str, record: dict[str, Any] | None = None,
+             over_budget=lambda: False, after_each=lambda: None) -> dict[str, Any]:
+    """Every implementation of ``case`` into ``record`` (a new one by default), ``after_each``
+    called after each (the runner writes its files). Once ``over_budget()`` is true, the
+    implementations left are recorded as skipped; after a fatal error, so are they."""
+    record = case_record(case) if record is None else record
+    poisoned = None
+    for name, builder in case.impls.items():
+        if poisoned is not None:
+            reason = f"not run after {poisoned}'s CUDA error"
+            add_result(record, name, {"status": "skipped", "reason": reason})
+        elif over_budget():
+            add_result(record, name, {"status": "skipped", "reason": "time budget reached"})
+        else:
+            result = run_impl(timer, case, builder, device, ceilings[case.unit])
+            add_result(record, name, result)
+            after_each()
+            if result.get("fatal"):
+                poisoned = name  # nothing more can run in this process
+    return record
 
 
 def schedule(all_cases: dict[str, list[Case]]) -> list[Case]:
-    """Headline cases of every op first, then the rest, ops taking turns."""
+    """Headline cases of every op first, then the rest, ops taking turns; within an op, its modes
+    take turns too (attention's forward + backward does not wait for its causal forward)."""
     ordered = []
     for priority in (0, 1):
-        queues = [[c for c in cs if c.priority == priority] for cs in all_cases.values()]
+        queues = [_modes_in_turn([c for c in cs if c.priority == priority]) for cs in all_cases.values()]
         while any(queues):
             for queue in queues:
                 if queue:
                     ordered.append(queue.pop(0))
     return ordered
+
+
+def _modes_in_turn(cases: list[Case]) -> list[Case]:
+    by_mode: dict[str, list[Case]] = {}
+    for case in cases:
+        by_mode.setdefault(case.mode, []).append(case)
+    turns = itertools.zip_longest(*by_mode.values())
+    return [case for turn in turns for case in turn if case is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +508,12 @@ def plot(report: dict[str, Any], path: Path) -> str:
 def write(report: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(report))
+    # Written aside and renamed: a kill mid-write leaves the previous file whole.
+    texts = {json_path: json.dumps(report, indent=1, default=str) + "\n", md_path: markdown(report)}
+    for path, text in texts.items():
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, path)
     return json_path, md_path
 
 
@@ -517,19 +597,29 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write(report, args.out, stem)
     queue = schedule(all_cases)
     skipped = 0
+    over_budget = lambda: args.budget is not None and time.perf_counter() - start > args.budget  # noqa: E731
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         for done, case in enumerate(queue):
-            if args.budget is not None and time.perf_counter() - start > args.budget:
+            if over_budget():
                 skipped = len(queue) - done
                 break
-            result = run_case(timer, case, ceilings, device)
             entry = report["ops"][case.op]
-            entry["cases"].append(result)
-            fast = result["results"].get("fastdl", {})
+            record = case_record(case)
+            entry["cases"].append(record)  # before it runs: a stop mid-case keeps what it measured
+            run_case(timer, case, ceilings, device, record, over_budget,
+                     after_each=lambda: write(report, args.out, stem))
+            fast = record["results"].get("fastdl", {})
             if entry["first_call_s"] is None and fast.get("status") == "ok":
                 entry["first_call_s"] = fast["first_call_s"]
-            print(case_line(case.op, result), flush=True)
+            print(case_line(case.op, record), flush=True)
+            fatal = next((name for name, res in record["results"].items() if res.get("fatal")), None)
+            if fatal is not None:
+                report["fatal"] = {"op": case.op, "mode": case.mode, "case": case.label, "impl": fatal,
+                                   "reason": record["results"][fatal]["reason"]}
+                print(f"fatal CUDA error in {case.op} {case.mode} {case.label} ({fatal}): "
+                      "nothing more can run in this process", flush=True)
+                break
             write(report, args.out, stem)
     except (Stopped, KeyboardInterrupt) as err:
         report["stopped"] = str(err) or "interrupted"
@@ -547,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         print(plot(report, args.out / f"{stem}.png"))
     print(f"done in {report['wall_s']:.0f} s")
-    return 3 if "stopped" in report else 0
+    return 4 if "fatal" in report else 3 if "stopped" in report else 0
 
 
 if __name__ == "__main__":

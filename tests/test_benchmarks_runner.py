@@ -115,3 +115,70 @@ def test_missing_op_and_failing_implementation_are_reported(tmp_path, monkeypatc
     assert case["results"]["peer"] == {"status": "unavailable", "reason": "peer is not installed"}
     assert case["fastdl_speedup"] == {}
     assert "not available" in next(tmp_path.glob("*.md")).read_text()
+
+
+def _one_case_op(monkeypatch, impls: dict) -> None:
+    """An op "solo" of one case with the given implementations, and a second op after it."""
+    monkeypatch.setitem(ops.OPS, "solo", lambda env: [
+        ops.Case("solo", "fwd", "64 fp32", {}, "GB/s", 512.0, 64, "size", "solo fwd", dict(impls))])
+    monkeypatch.setitem(ops.REQUIRES, "solo", ("functional", "layer_norm"))
+    monkeypatch.setitem(ops.OPS, "after", lambda env: [
+        ops.Case("after", "fwd", "64 fp32", {}, "GB/s", 512.0, 64, "size", "after fwd", {"fastdl": _fine})])
+    monkeypatch.setitem(ops.REQUIRES, "after", ("functional", "layer_norm"))
+
+
+def _fine():
+    x = torch.randn(64)
+    return ops.Impl(lambda: x * 2)
+
+
+def test_a_stop_in_the_middle_of_a_case_keeps_what_it_measured(tmp_path, monkeypatch):
+    def stopped():  # as SIGTERM (timeout) arrives while the third implementation runs
+        raise run.Stopped("stopped by signal 15")
+
+    _one_case_op(monkeypatch, {"fastdl": _fine, "eager": _fine, "peer": stopped, "never": _fine})
+    assert run.main(["--quick", "--device", "cpu", "--ops", "solo", "after", "--out", str(tmp_path),
+                     "--no-plot"]) == 3
+    report = _report(tmp_path)
+    (case,) = report["ops"]["solo"]["cases"]
+    assert set(case["results"]) == {"fastdl", "eager"}
+    assert case["results"]["fastdl"]["status"] == case["results"]["eager"]["status"] == "ok"
+    assert case["fastdl_speedup"]["eager"] > 0
+    assert report["stopped"] == "stopped by signal 15" and report["ops"]["after"]["cases"] == []
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_sticky_cuda_error_stops_the_run_and_names_its_case(tmp_path, monkeypatch):
+    def poisoned():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    _one_case_op(monkeypatch, {"fastdl": poisoned, "eager": _fine})
+    assert run.main(["--quick", "--device", "cpu", "--ops", "solo", "after", "--out", str(tmp_path),
+                     "--no-plot"]) == 4
+    report = _report(tmp_path)
+    (case,) = report["ops"]["solo"]["cases"]
+    assert case["results"]["fastdl"]["fatal"] is True
+    assert case["results"]["eager"] == {"status": "skipped", "reason": "not run after fastdl's CUDA error"}
+    assert report["fatal"]["impl"] == "fastdl" and report["fatal"]["case"] == "64 fp32"
+    assert "illegal memory access" in report["fatal"]["reason"]
+    assert report["ops"]["after"]["cases"] == []
+
+
+def test_headline_cases_first_with_each_op_s_modes_in_turn():
+    def case(op, mode, label, priority=0):
+        return ops.Case(op, mode, label, {}, "GB/s", 1.0, 1, "size", op, {}, priority=priority)
+
+    queue = run.schedule({
+        "attention": [case("attention", "fwd", "full"), case("attention", "fwd", "causal"),
+                      case("attention", "fwd+bwd", "full"), case("attention", "fwd+bwd", "causal"),
+                      case("attention", "fwd", "other", priority=1)],
+        "norm": [case("norm", "fwd", "n"), case("norm", "fwd+bwd", "n")]})
+    assert [(c.op, c.mode, c.label) for c in queue] == [
+        ("attention", "fwd", "full"), ("norm", "fwd", "n"), ("attention", "fwd+bwd", "full"),
+        ("norm", "fwd+bwd", "n"), ("attention", "fwd", "causal"), ("attention", "fwd+bwd", "causal"),
+        ("attention", "fwd", "other")]
+
+
+def test_peer_versions_come_from_their_distributions():
+    assert run._version("pytest") == __import__("importlib.metadata").metadata.version("pytest")
+    assert run._version("no_such_module_anywhere") is None

@@ -38,11 +38,14 @@ case "${1:-} ${2:-}" in
     "-m benchmarks.compile_report")
         for arg in "$@"; do [ "$prev" = --out ] && echo '{}' > "$arg"; prev="$arg"; done
         kernel precompiled "${KERNEL_BYTES:-1000}" ;;
-    "-m pytest") kernel "tested-$FASTDL_AUTOTUNE" "${KERNEL_BYTES:-1000}"; echo "3 passed in 1.0s" ;;
+    "-m pytest")
+        sleep "${PYTEST_SLEEP:-0}"
+        kernel "tested-$FASTDL_AUTOTUNE" "${KERNEL_BYTES:-1000}"; echo "3 passed in 1.0s" ;;
     "-m benchmarks.run")
         for arg in "$@"; do
             if [ "$prev" = --out ]; then
                 mkdir -p "$arg" && echo '{}' > "$arg/gpu.json" && echo x > "$arg/gpu.md"
+                [[ " $* " == *" --no-plot "* ]] || echo png > "$arg/gpu.png"
             fi
             prev="$arg"
         done ;;
@@ -58,13 +61,13 @@ def session(tmp_path):
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def run(call: int | str, out: Path, cache: Path, **env) -> tuple[str, list[str]]:
+    def run(call: int | str, out: Path, cache: Path, rc: int = 0, **env) -> tuple[str, list[str]]:
         calls.write_text("")
         full = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), OUT=str(out), CALL=str(call),
                     TRITON_CACHE_DIR=str(cache), PYTEST_WORKERS="2", WHEELS=str(tmp_path / "no-wheels"))
         full.update(env)
         done = subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == rc, done.stdout + done.stderr
         return done.stdout, calls.read_text().splitlines()
 
     return run
@@ -86,7 +89,7 @@ def test_two_calls_return_what_a_lent_machine_can_and_carry_the_cache(session, t
     with tarfile.open(out1 / "logs.tgz") as logs:
         names = set(logs.getnames())
     assert {"logs/env.txt", "logs/install.log", "logs/precompile.log", "logs/tests.log"} <= names
-    assert any("-m pytest -q -m cuda -n 2" in c for c in calls)
+    assert any("-m pytest -q -rfE -m cuda -n 2" in c for c in calls)
     with tarfile.open(out1 / "triton-cache.tgz.0") as cache:
         members = [m for m in cache.getnames() if "." in Path(m).name]
     # binaries and metadata only, the older kernel first, each kernel's group file after its files
@@ -105,7 +108,8 @@ def test_two_calls_return_what_a_lent_machine_can_and_carry_the_cache(session, t
         assert sorted(p.name for p in restored.iterdir()) == ["__grp__k.json", "k.cubin", "k.json"]
         assert (restored / "k.cubin").read_bytes() == (tmp_path / "cache1" / kernel / "k.cubin").read_bytes()
     assert "sweep: ok" in stdout and "bench: ok" in stdout and "models: ok" in stdout
-    assert _returned(out2) == ["gpu.json", "gpu.md", "logs.tgz", "models/gpu.json", "models/gpu.md"]
+    assert _returned(out2) == ["gpu.json", "gpu.md", "gpu.png", "logs.tgz",
+                               "models/gpu.json", "models/gpu.md"]
     pip = [c for c in calls if c.startswith("-m pip install -q --no-index")]
     assert len(pip) == 1 and "peer-1.0-py3-none-any.whl" in pip[0], calls
     runs = [c for c in calls if "benchmarks.run" in c]
@@ -121,7 +125,7 @@ def test_a_cache_cut_at_the_parts_limit_restores_whole_kernels_only(session, tmp
     (tmp_path / "cache1" / "torn" / "k.cubin").write_bytes(b"binary")
     (tmp_path / "cache1" / "torn" / "__grp__k.json").write_text('{"child_paths": {"k.cu')
     stdout, _ = session(1, out, tmp_path / "cache1", KERNEL_BYTES=str(10 * 2**20), CACHE_PARTS="1")
-    assert "1 more dropped" in stdout, stdout
+    assert "cut there (CACHE_PARTS=1)" in stdout, stdout
     assert _returned(out) == ["compile-sm_90a.json", "logs.tgz", "triton-cache.tgz.0"]
     fresh = tmp_path / "cache2"
     session(2, tmp_path / "out2", fresh, CACHE_IN=str(out), STEPS="install")
@@ -132,10 +136,31 @@ def test_a_cache_cut_at_the_parts_limit_restores_whole_kernels_only(session, tmp
 
 
 def test_one_call_runs_every_step_within_a_ten_minute_call(session, tmp_path):
-    stdout, calls = session("all", tmp_path / "out", tmp_path / "cache")
+    """Every step, their limits within the call's 570 s less 40 for packing, and what comes back
+    at most 8 files although the cache would fill four parts (five kernels of 12 MiB)."""
+    out = tmp_path / "out"
+    stdout, calls = session("all", out, tmp_path / "cache", KERNEL_BYTES=str(12 * 2**20))
     limits = [int(line.split("at most ")[1].split("s)")[0]) for line in stdout.splitlines()
               if line.startswith("== ") and "(at most " in line]
-    assert len(limits) == 6 and sum(limits) <= 560, stdout
+    assert len(limits) == 6 and sum(limits) <= 530, stdout
     for step in ("install", "precompile", "tests", "sweep", "bench", "models"):
         assert f"{step}: ok" in stdout, stdout
-    assert sum("benchmarks.run" in c for c in calls) == 2
+    runs = [c for c in calls if "benchmarks.run" in c]
+    assert len(runs) == 2 and "--quick" in runs[0] and "--quick --no-compile" in runs[1], runs
+    assert "linear_cross_entropy" in runs[0]
+    assert _returned(out) == ["compile-sm_90a.json", "gpu.json", "gpu.md", "gpu.png", "logs.tgz",
+                              "models/gpu.json", "models/gpu.md", "triton-cache.tgz.0"]
+    assert any("import fastdl.kernels.utils" in c for c in calls), calls
+
+
+def test_one_call_cuts_its_steps_to_the_call_s_total(session, tmp_path):
+    """TOTAL=55 leaves 15 s before the 40 s of packing: the tests, which hang, are cut at the
+    deadline, the steps after them are skipped (the script fails), and the archives come back."""
+    out = tmp_path / "out"
+    stdout, _ = session("all", out, tmp_path / "cache", rc=1, TOTAL="55", PYTEST_SLEEP="60")
+    tests = next(line for line in stdout.splitlines() if line.startswith("== tests"))
+    assert int(tests.split("at most ")[1].split("s)")[0]) <= 15, stdout
+    assert "tests: timed out" in stdout, stdout
+    for step in ("sweep", "bench", "models"):
+        assert f"{step}: skipped" in stdout, stdout
+    assert "logs.tgz" in _returned(out)
