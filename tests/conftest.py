@@ -25,6 +25,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The tests compare float32 results with float64 references at float32 tolerances: no TF32 in
+# cuDNN's convolutions (on by default in PyTorch; its matmuls' is off by default).
+if HAS_CUDA:
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

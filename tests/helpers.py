@@ -26,16 +26,21 @@ needs_torch_linear_cross_entropy_loss = pytest.mark.skipif(
     reason="torch.nn.LinearCrossEntropyLoss is new in PyTorch 2.13")
 
 
+def _on(actual: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``actual`` in float64 on the reference's device (a CUDA result against a CPU reference)."""
+    return actual.detach().to(device=ref.device, dtype=torch.float64)
+
+
 def rel_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
     """||actual - ref|| / ||ref|| in float64 (0 for empty tensors)."""
     if ref.numel() == 0:
         return 0.0
-    diff = (actual.detach().double() - ref.detach().double()).norm().item()
+    diff = (_on(actual, ref) - ref.detach().double()).norm().item()
     return diff / max(ref.detach().double().norm().item(), 1e-30)
 
 
 def _mismatch_report(actual: torch.Tensor, ref: torch.Tensor, bound: float, limit: int = 5) -> str:
-    a, r = actual.detach().double(), ref.detach().double()
+    a, r = _on(actual, ref), ref.detach().double()
     diff = (a - r).abs()
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
     threshold = bound * r.abs().max().item()

@@ -116,15 +116,16 @@ def test_float_scalars_reach_float64_kernels_as_float64():
     _run(code, _compiled_env())
 
 
-def test_gradients_bitwise_equal_across_processes():
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gradients_bitwise_equal_across_processes(dev):
     """Attention, LayerNorm, BatchNorm and embedding gradients from two processes, configs pinned,
     are bitwise equal (no atomics, fixed summation orders): compiled kernels on a GPU, the
     interpreter on a CPU."""
     code = """
         import sys, torch
         import fastdl, fastdl.functional as F
-        cuda = torch.cuda.is_available()
-        dev = "cuda" if cuda else "cpu"
+        dev = sys.argv[2]
+        cuda = dev == "cuda"
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 2, 70, 40, device=dev, requires_grad=True) for _ in range(3))
         x = torch.randn(300, 96, device=dev, requires_grad=True)
@@ -136,15 +137,15 @@ def test_gradients_bitwise_equal_across_processes():
             loss = loss + F.batch_norm(img, None, None, training=True).pow(3).sum()
             loss = loss + F.embedding(torch.randint(0, 50, (400,), device=dev), w).pow(3).sum()
             loss.backward()
-        torch.save([t.grad for t in (q, k, v, x, img, w)], sys.argv[1] if len(sys.argv) > 1 else "grads.pt")
+        torch.save([t.grad for t in (q, k, v, x, img, w)], sys.argv[1])
     """
     env = dict(os.environ, FASTDL_AUTOTUNE="1", PYTHONPATH=ROOT)
-    if not torch.cuda.is_available():
+    if dev == "cpu":
         env["TRITON_INTERPRET"] = "1"
     grads = []
     for i in range(2):
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastdl-grads-{os.getpid()}-{i}.pt")
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), path], cwd=ROOT, env=env,
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), path, dev], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         grads.append(torch.load(path))

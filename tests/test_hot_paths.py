@@ -96,11 +96,13 @@ def _op_cases(device):
     ]
 
 
-@pytest.fixture
-def kernel_backend(monkeypatch):
-    """The kernel path of this machine (interpreter on CPU, compiled on CUDA) with the embedding
-    range check in its device-side form."""
-    name = "triton" if torch.cuda.is_available() else "interpret"
+@pytest.fixture(params=["interpret", pytest.param("triton", marks=pytest.mark.cuda)])
+def kernel_backend(request, monkeypatch):
+    """A kernel path (the interpreter on CPU tensors, the compiled kernels on CUDA ones) with the
+    embedding range check in its device-side form; the tensors' device."""
+    name = request.param
+    if name == "triton" and (not torch.cuda.is_available() or fastdl.backend.interpreter_active()):
+        pytest.skip("needs a CUDA GPU with compiled Triton kernels")
     if name == "interpret" and not fastdl.backend.interpreter_active():
         pytest.skip("Triton's interpreter is not active in this process")
     monkeypatch.setenv("FASTDL_EAGER_INDEX_CHECK", "0")
@@ -152,14 +154,14 @@ def test_device_side_index_check(kernel_backend):
 
 def test_kernels_never_read_out_of_bounds(kernel_backend):
     """While a device-side check is pending, the kernels read no row for a bad index: it is 0."""
-    if kernel_backend == "cuda":
-        pytest.skip("runs the launchers on CPU tensors")
-    w = torch.randn(10, 4)
-    out = fastdl.backend.kernels("embedding").embedding_fwd(torch.tensor([3, 10, -1, 2]), w)
-    assert torch.equal(out[[0, 3]], w[[3, 2]]) and torch.equal(out[[1, 2]], torch.zeros(2, 4))
-    dw = fastdl.backend.kernels("embedding").embedding_bwd(torch.ones(4, 4), torch.tensor([3, 10, -1, 3]),
-                                                           10, None, False, torch.float32)
-    expected = torch.zeros(10, 4)
+    device = kernel_backend  # the launchers themselves: no check runs, on CPU or CUDA tensors
+    w = torch.randn(10, 4, device=device)
+    out = fastdl.backend.kernels("embedding").embedding_fwd(torch.tensor([3, 10, -1, 2], device=device), w)
+    assert torch.equal(out[[0, 3]], w[[3, 2]]) and torch.equal(out[[1, 2]], torch.zeros(2, 4, device=device))
+    dw = fastdl.backend.kernels("embedding").embedding_bwd(
+        torch.ones(4, 4, device=device), torch.tensor([3, 10, -1, 3], device=device), 10, None, False,
+        torch.float32)
+    expected = torch.zeros(10, 4, device=device)
     expected[3] = 2.0
     assert torch.equal(dw, expected)
 

@@ -217,7 +217,7 @@ def test_broadcast_output_gradient(backend, device):
     x, w, b = _inputs((4, 3, 5), torch.float32, device)
     F.batch_norm(x, None, None, w, b, training=True).sum().backward()
     assert x.grad.abs().max().item() < 1e-5
-    assert_close("bias grad", b.grad, torch.full((3,), 20.0, dtype=torch.float64))
+    assert_close("bias grad", b.grad, torch.full((3,), 20.0, dtype=torch.float64, device=device))
 
 
 def test_output_gradient_in_an_ambiguous_layout(backend, device):

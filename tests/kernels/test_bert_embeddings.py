@@ -19,7 +19,7 @@ def ref_bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w
                         keep=None, p=0.0, padding_idx=None):
     """The unfused block in float64. ``keep``: the dropout keep-mask to apply (scaled by 1/(1-p))."""
     if padding_idx is not None:
-        is_pad = (torch.arange(word.shape[0]) == padding_idx)[:, None]
+        is_pad = (torch.arange(word.shape[0], device=word.device) == padding_idx)[:, None]
         word = torch.where(is_pad, word.detach(), word)  # the padding row gets no gradient
     s = word[ids] + position[pos_ids] + token_type[type_ids]
     mean = s.mean(-1, keepdim=True)
@@ -230,7 +230,7 @@ def test_bad_arguments(backend, device):
             F.bert_embeddings(ids, type_ids, pos_ids, word, position, token_type, ln_w, bad, EPS, 0.0, True)
 
 
-@pytest.mark.parametrize("name", ["interpret", "triton"])
+@pytest.mark.parametrize("name", ["interpret", pytest.param("triton", marks=pytest.mark.cuda)])
 def test_forced_kernel_backend_refuses_rows_wider_than_a_block(name):
     """Embedding dims beyond 16384 take the torch path under auto and raise when a kernel is forced."""
     if name == "triton" and not torch.cuda.is_available():

@@ -92,7 +92,8 @@ def test_training_then_eval(backend, device, dtype, cls_name, shape, channels_la
            else torch.contiguous_format)
 
     def make_input():
-        x = torch.randn(shape, device=device) * 3 + torch.randn(shape[1:2] + (1,) * (len(shape) - 2))
+        x = torch.randn(shape, device=device) * 3 + torch.randn(shape[1:2] + (1,) * (len(shape) - 2),
+                                                                device=device)
         return x.to(dtype).contiguous(memory_format=fmt)
 
     _compare_steps(ours, ref, make_input)
