@@ -40,7 +40,7 @@
 #                                       CALL=all: 30, 60, 195, 55, 145, 45, 530 s at most)
 #   TOTAL=570                           CALL=all: seconds the whole script may take (else none)
 #   PRECOMPILE_ARGS="--cover"           compile_report arguments (drop --cover for every launch)
-#   BENCH_BUDGET=<BENCH_TIMEOUT - 40>   the runner starts no new case after this
+#   BENCH_BUDGET=<bench's timeout - 40> the runner starts no new case after this
 #   BENCH_ARGS=""                       extra arguments for the runner (CALL=all: "--quick")
 #   MODELS_ARGS=""                      extra arguments for the models' run (CALL=all: "--quick
 #                                       --no-compile": compiling BERT-base alone outlasts the step)
@@ -158,7 +158,7 @@ step() {  # step NAME SECONDS LOGFILE COMMAND...: run under timeout, log, rememb
     local name="$1" seconds="$2" log="$3"
     shift 3
     if [ "$seconds" -lt 5 ]; then
-        STATUS[$name]="skipped: the call's ${TOTAL}s were spent"
+        STATUS[$name]="skipped: only ${seconds}s allowed (its timeout, or what is left before the deadline)"
         failed=1
         echo "== $name: ${STATUS[$name]}"
         return
@@ -204,12 +204,12 @@ EOF
     echo "nproc $(nproc)"
 } >"$LOGS/env.txt" 2>&1
 
-workers=()
+pytest_args=()  # for the tests and the sweep
 if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
-    workers=(-n "$PYTEST_WORKERS")
+    pytest_args=(-n "$PYTEST_WORKERS")
 fi
 if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
-    workers+=(--timeout=120)  # a hung kernel fails its test instead of the step
+    pytest_args+=(--timeout=120)  # a hung kernel fails its test instead of the step
 fi
 
 for name in $STEPS; do
@@ -226,7 +226,8 @@ for name in $STEPS; do
                 $PRECOMPILE_ARGS --out "$OUT/compile-sm_90a.json" ;;
         tests)
             step tests "$(allowed "$TESTS_TIMEOUT")" "$LOGS/tests.log" env FASTDL_AUTOTUNE=first \
-                "$PYTHON" -m pytest -q -rfE -m cuda "${workers[@]}" --continue-on-collection-errors --junitxml="$LOGS/junit.xml" -p no:cacheprovider ;;
+                "$PYTHON" -m pytest -q -rfE -m cuda "${pytest_args[@]}" --continue-on-collection-errors \
+                --junitxml="$LOGS/junit.xml" -p no:cacheprovider ;;
         sweep)
             step sweep "$(allowed "$SWEEP_TIMEOUT")" "$LOGS/sweep.log" bash -c '
                 status=0
@@ -235,7 +236,7 @@ for name in $STEPS; do
                     FASTDL_AUTOTUNE=$i "$0" -m pytest -q -rfE -m cuda "${@}" -p no:cacheprovider --continue-on-collection-errors \
                         tests/kernels/test_attention.py -k "forward_backward or head_dims or mask" || status=1
                 done
-                exit $status' "$PYTHON" "${workers[@]}" ;;
+                exit $status' "$PYTHON" "${pytest_args[@]}" ;;
         bench)
             seconds=$(allowed "$BENCH_TIMEOUT")
             budget="${BENCH_BUDGET:-$((seconds > 80 ? seconds - 40 : seconds / 2))}"
@@ -260,6 +261,6 @@ for name in $STEPS; do
 done
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/   tests: /'
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
-[ "$CACHE_OUT" = 1 ] && pack_cache  # (under a minute: gzip of binaries, cut at CACHE_PARTS parts)
+[ "$CACHE_OUT" = 1 ] && pack_cache
 ls -l "$OUT"
 exit "$failed"
