@@ -143,13 +143,17 @@ def embedding_launches():
 
 # Attention variants: (label, causal, mask kind, dropout, GQA, mask gradient). Full mode crosses
 # them with every dtype, head-dim class and config; the CI cover picks launches that reach each.
+# Mask kinds: "bool" / "float" vary along the query rows (whole tiles read); "bool keys" / "float
+# keys" are padding masks, one row of keys per batch entry (one vector per key tile).
 ATTENTION_VARIANTS = [
     ("plain", False, None, 0.0, False, False),
     ("causal", True, None, 0.0, False, False),
-    ("bool mask", False, "bool", 0.0, False, False),
+    ("bool mask", False, "bool keys", 0.0, False, False),
     ("float mask+grad", False, "float", 0.0, False, True),
     ("causal dropout gqa", True, None, 0.1, True, False),
     ("causal float mask+grad dropout gqa", True, "float", 0.1, True, True),
+    ("causal bool row mask gqa", True, "bool", 0.0, True, False),
+    ("float padding mask+grad dropout", False, "float keys", 0.1, False, True),
 ]
 HEAD_DIMS = (64, 128, 256)
 
@@ -166,8 +170,12 @@ def attention_launches():
                     q = torch.randn(B, H, L, D).to(dtype)
                     k, v = torch.randn(B, H_kv, S, D).to(dtype), torch.randn(B, H_kv, S, D).to(dtype)
                     mask = None
-                    if mask_kind == "bool":  # a padding mask, read through stride-0 axes
+                    if mask_kind == "bool keys":  # a padding mask, read through stride-0 axes
                         mask = torch.rand(B, 1, 1, S) > 0.2
+                    elif mask_kind == "bool":
+                        mask = torch.rand(L, S) > 0.2
+                    elif mask_kind == "float keys":
+                        mask = torch.randn(B, 1, 1, S).to(dtype)
                     elif mask_kind == "float":
                         mask = torch.randn(B, H, L, S).to(dtype)
                     o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, _SEED)

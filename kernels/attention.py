@@ -29,10 +29,13 @@ alone would come back 1 instead of 1 / l, gradients l times too large.
 Rows whose keys are all masked have l = 0: their output is 0 and their lse is -inf (the backward
 treats it as "nothing attended").
 With ``is_causal`` (top-left aligned, as torch: row i attends columns j <= i, also when L != S)
-key tiles entirely right of a query tile are never loaded.
+key tiles entirely right of a query tile are never loaded, and the query tiles (forward, dQ) are
+handed out last first, the ones with the most keys to visit.
 
 Masks are read through their strides, broadcast to (B, H, L, S): a (B, 1, 1, S) padding mask has
-stride 0 on the head and row axes and costs S values per batch. Boolean masks keep True entries;
+stride 0 on the head and row axes and costs S values per batch. A mask that does not vary along
+the query rows (stride 0 there, or L = 1) is read as one vector per key tile and broadcast over
+the tile's rows (MASK_KEYS), others tile by tile. Boolean masks keep True entries;
 float masks are added to the scores. Float-mask values below -1e38 (finfo(float32).min, as
 Hugging Face builds masks) are clamped to -1e38 so that they stay finite after the scaling by
 log2(e): a row masked throughout by such values averages V, as torch's arithmetic does, and its
@@ -108,7 +111,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # (a row of -1e38 and -3e38 attends the -1e38 keys only, as torch's), only values below collapse.
 MASK_FLOOR = tl.constexpr(-2.3e38)
 
+# MASK_KIND: no mask, a bool one (True = attend) or a float one (added); plus MASK_KEYS when the
+# mask does not vary along the query rows (stride 0 along L, or L = 1: a padding mask).
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+MASK_KEYS = 2
 MAX_HEAD_DIM = 256
 
 
@@ -148,7 +154,7 @@ _FWD_CONFIGS = {
     (90, 64, 4, "dropout"): [(64, 32, 4, 1)],
     (90, 128, 4): [(128, 32, 8, 2, 32, 64), (64, 32, 4, 2, 32, 64)],
     (90, 128, 4, "dropout"): [(64, 16, 4, 2, 32, 64)],
-    (90, 256, 4): [(128, 32, 8, 2, 32, 64), (128, 32, 8, 2, 32, 32),
+    (90, 256, 4): [(128, 32, 8, 2, 16, 64), (128, 32, 8, 2, 32, 32),
                    (64, 32, 4, 2, 32, 64), (64, 32, 4, 2, 32, 32)],
     (90, 256, 4, "dropout"): [(128, 32, 8, 2, 32, 32), (64, 32, 4, 2, 32, 32)],
     (80, 64, 2): [(128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 1)],
@@ -183,7 +189,7 @@ _BWD_KV_CONFIGS = {
     (90, 256, 4): [(16, 64, 8, 1, 32, 64), (32, 64, 4, 1, 32, 32),
                    (16, 64, 8, 1, 32, 32), (16, 64, 8, 1, 16, 32)],
     (90, 256, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
-    (80, 64, 2): [(128, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
+    (80, 64, 2): [(64, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
     (80, 64, 2, "dropout"): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1)],
     (80, 128, 2): [(16, 64, 8, 1, 64, 0), (16, 32, 8, 1), (32, 32, 8, 1, 0, 64)],
     (80, 128, 2, "dropout"): [(16, 32, 8, 1)],
@@ -268,7 +274,8 @@ def _seq_bucket(n: int) -> int:
 
 @triton.jit
 def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
-            CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+            CHECK_COLS: tl.constexpr, CHECK_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+            KEYS_INSIDE: tl.constexpr = False):
     """Scores in base-2 units for one tile: ``qk`` (q k^T already times scale * log2(e)) plus the
     mask; -inf where masked out and, when checked, where a column is past S or causally hidden.
 
@@ -276,21 +283,31 @@ def _scores(qk, rows, cols, b, h, L, S, causal_shift, MASK, smb, smh, sml, sms,
     (1, N) for a (queries, keys) tile, (1, M) and (N, 1) for its transpose -- the same code
     serves the forward, the dQ kernel and the transposed tiles of the dK/dV kernel. The column
     and causal tests are compile-time switches: tiles wholly inside S and below the diagonal (the
-    bulk of the work) skip them. Rows past L are never tested: no kernel stores them, and the
+    bulk of the work) skip them; ``KEYS_INSIDE`` says that every column is below S (not so in the
+    dK/dV kernel, which never tests its keys). Rows past L are never tested: no kernel stores them, and the
     backward gives them P = 0 through an lse of +inf. Causal: column j is visible from row i when
     j <= i + causal_shift (0 for dense attention; per sequence in varlen mode).
     """
     if MASK_KIND != 0:
-        # Reads past L or S are predicated off (what they would give is never used). Plain
-        # indices, not clamped ones: with a unit column stride the compiler can then prove the
-        # addresses contiguous and load vectors, where clamped ones cost a 64-bit address per
-        # element -- enough registers to spill the kernels.
-        mask_ptrs = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows * sml + cols * sms
-        in_bounds = (rows < L) & (cols < S)
-        if MASK_KIND == 1:
-            qk = tl.where(tl.load(mask_ptrs, mask=in_bounds, other=0) != 0, qk, float("-inf"))
+        mask_base = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+        if MASK_KIND > 2:  # MASK_BOOL or MASK_FLOAT, + MASK_KEYS
+            # One row of keys for every query row (a padding mask, stride 0 along L): one vector
+            # per key tile, broadcast over the rows, instead of a gather of the whole tile; tiles
+            # wholly inside S load it without a predicate (vectors, where the strides allow).
+            if KEYS_INSIDE:
+                values = tl.load(mask_base + cols * sms)
+            else:
+                values = tl.load(mask_base + cols * sms, mask=cols < S, other=0)
         else:
-            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            # Reads past L or S are predicated off (what they would give is never used). Plain
+            # indices, not clamped ones: with a unit column stride the compiler can then prove the
+            # addresses contiguous and load vectors, where clamped ones cost a 64-bit address per
+            # element -- enough registers to spill the kernels.
+            values = tl.load(mask_base + rows * sml + cols * sms, mask=(rows < L) & (cols < S), other=0)
+        if MASK_KIND % 2 == 1:  # MASK_BOOL, with or without MASK_KEYS
+            qk = tl.where(values != 0, qk, float("-inf"))
+        else:
+            bias = values.to(tl.float32)
             # A NaN in the mask stays NaN (the row's output and gradients are NaN, as torch's).
             bias = tl.where(bias == float("-inf"), bias,
                             tl.maximum(bias, MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL))
@@ -327,12 +344,20 @@ def _query_tile_ranges(m0, k_lo, k_hi, shift, IS_CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
-def _tile_head_batch(rows, BLOCK: tl.constexpr, H, CHUNKS: tl.constexpr = 1):
+def _tile_head_batch(rows, BLOCK: tl.constexpr, H, CHUNKS: tl.constexpr = 1,
+                     HEAVIEST_FIRST: tl.constexpr = False):
     """(tile, head-dim chunk, head, batch entry) of this program. The launch grid is one axis of
     cdiv(rows, BLOCK) * CHUNKS * H * batch programs, tiles fastest (the programs of one head run
     side by side, as on a (tiles, chunks, H, batch) grid): CUDA caps grid axes 1 and 2 at 65,535
-    programs, which a batch of short sequences (or a varlen call's sequence count) can pass."""
-    tile, rest = grid_2d(tl.cdiv(rows, BLOCK))
+    programs, which a batch of short sequences (or a varlen call's sequence count) can pass.
+
+    HEAVIEST_FIRST (causal query tiles) hands out each head's tiles last first: a causal query
+    tile's work grows with its index, and started first, the longest programs no longer trail
+    behind the grid's last wave."""
+    tiles = tl.cdiv(rows, BLOCK)
+    tile, rest = grid_2d(tiles)
+    if HEAVIEST_FIRST:
+        tile = tiles - 1 - tile
     if CHUNKS == 1:
         chunk = rest * 0
         bh = rest
@@ -433,7 +458,7 @@ def _fwd_tiles(acc, l_i, m_i, q, Qm, sql, row_ok, K, V, lo, hi, rows_m, offs_o, 
             qk = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
                            rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         s = _scores(qk * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
-                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND, not CHECK_COLS)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing attended so far keeps m = -inf; shift by 0 there (exp2(-inf) = 0)
         # instead of computing -inf - (-inf) = NaN.
@@ -467,7 +492,7 @@ def _attn_fwd_kernel(
 ):
     """Output columns [c * BLOCK_DVO, (c + 1) * BLOCK_DVO) of BLOCK_M query rows of one (batch,
     head), for the program's head-dim chunk c; chunk 0 also writes the rows' lse."""
-    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
+    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS, IS_CAUSAL)
     if CHUNKS > 1:
         if chunk * BLOCK_DVO >= HEAD_DIM_V:  # a chunk wholly in the block's padding columns
             return
@@ -721,7 +746,7 @@ def _bwd_q_tiles(dq, q, do, Qm, DOm, DSm, row_ok, lse, lse_lo, delta, K, V, lo, 
             s = _dot_rows(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), Qm, sql, rows_m, row_ok, K, sks,
                           rows_n, col_ok, HEAD_DIM, PRECISION, BLOCK_DK)
         s = _scores(s * qk_scale, rows_m[:, None], rows_n[None, :], b, h, q_hi, k_hi, shift, MASK, smb, smh,
-                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND)
+                    sml, sms, CHECK_COLS, CHECK_CAUSAL, MASK_KIND, not CHECK_COLS)
         p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])
         if BLOCK_DVK == BLOCK_DV:
             vt = _load_rows_t(V, rows_n, col_ok, svs, tl.arange(0, BLOCK_DV), HEAD_DIM_V)
@@ -761,7 +786,7 @@ def _attn_bwd_q_kernel(
 ):
     """dQ columns [c * BLOCK_DO, ...) for BLOCK_M query rows of one (batch, head), for the
     program's head-dim chunk c: each element written once, no atomics."""
-    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS)
+    pid_m, chunk, h, b = _tile_head_batch(GRID_ROWS, BLOCK_M, H, CHUNKS, IS_CAUSAL)
     if CHUNKS > 1:
         if chunk * BLOCK_DO >= HEAD_DIM:  # padding columns only (never chunk 0, which stores dS)
             return
@@ -865,9 +890,10 @@ def _mask_arg(attn_mask, q, S):
         return q, (0, 0, 0, 0), MASK_NONE
     B, H, L, _ = q.shape
     mask = attn_mask.expand(B, H, L, S)  # a view: broadcast dims get stride 0
+    per_key = MASK_KEYS if mask.stride(2) == 0 or L == 1 else 0
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), mask.stride(), MASK_BOOL
-    return mask, mask.stride(), MASK_FLOAT
+        return mask.view(torch.uint8), mask.stride(), MASK_BOOL + per_key
+    return mask, mask.stride(), MASK_FLOAT + per_key
 
 
 def _check_shapes(q, k, v):

@@ -19,10 +19,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
+import triton
+import triton.language as tl
 from helpers import assert_close, check_op, ref_attention
 
 import fastdl
 import fastdl.functional as F
+from fastdl.kernels import attention as kernel_attention
 
 RTOL = 2e-4  # fp32 attention against float64 (DESIGN.md)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -117,7 +120,19 @@ def test_masks_are_read_through_strides(backend, device):
         padding = _bool_mask((2, 1, 1, 47), device)
         ptr, strides, kind = attention._mask_arg(padding, q, 47)
         assert ptr.data_ptr() == padding.data_ptr() and strides == (47, 0, 0, 1)
-        assert kind == attention.MASK_BOOL
+        assert kind == attention.MASK_BOOL + attention.MASK_KEYS  # one vector of keys per tile
+        # The kind says whether the mask varies along the query rows: per-key masks are read as
+        # one vector per key tile, others as whole tiles.
+        kinds = {(2, 3, 35, 47): attention.MASK_BOOL, (35, 47): attention.MASK_BOOL,
+                 (1, 3, 1, 47): attention.MASK_BOOL + attention.MASK_KEYS,
+                 (2, 1, 35, 1): attention.MASK_BOOL}
+        for shape, expected in kinds.items():
+            assert attention._mask_arg(_bool_mask(shape, device), q, 47)[2] == expected, shape
+            float_kind = attention._mask_arg(torch.randn(shape, device=device), q, 47)[2]
+            assert float_kind == expected - attention.MASK_BOOL + attention.MASK_FLOAT, shape
+        one_query = q[:, :, :1]  # L = 1: any mask is one row of keys
+        one_query_kind = attention._mask_arg(_bool_mask((2, 3, 1, 47), device), one_query, 47)[2]
+        assert one_query_kind == attention.MASK_BOOL + attention.MASK_KEYS
     bias = torch.randn(3, 47, 35, device=device).transpose(1, 2).requires_grad_()
     _check([q, k, v, bias], torch.float32)
 
@@ -300,6 +315,30 @@ def test_causal_skips_tiles_right_of_the_diagonal(backend, device):
     assert not out[0, 0, :block_m].isnan().any()
     expected = ref_attention(q.double(), k.double(), v.double().nan_to_num(), is_causal=True)
     assert_close("first tile", out[0, 0, :block_m], expected[0, 0, :block_m], rtol=RTOL)
+
+
+@triton.jit
+def _tile_of_each_program(OUT, rows, H, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
+    """(tile, head, batch entry) of every program of an attention grid, as rows of OUT (int32)."""
+    tile, _, h, b = kernel_attention._tile_head_batch(rows, BLOCK, H, 1, HEAVIEST_FIRST)
+    col = tl.arange(0, 4)
+    values = tl.where(col == 0, tile, tl.where(col == 1, h, b))
+    tl.store(OUT + tl.program_id(0) * 3 + col, values, mask=col < 3)
+
+
+def test_causal_query_tiles_run_heaviest_first(backend, device):
+    """Causal attention's query tiles (forward and dQ) go out last tile first: the grid's first
+    programs are the ones with the most keys to visit. Dense attention keeps the grid's order."""
+    if backend == "torch":
+        pytest.skip("the kernels' grid order")
+    for rows, block, H, B in ((512, 128, 2, 2), (130, 64, 3, 1), (64, 64, 1, 2)):
+        tiles = -(-rows // block)
+        for heaviest_first in (True, False):
+            out = torch.full((tiles * H * B, 3), -1, dtype=torch.int32, device=device)
+            _tile_of_each_program[(tiles * H * B,)](out, rows, H, BLOCK=block, HEAVIEST_FIRST=heaviest_first)
+            order = list(range(tiles))[::-1] if heaviest_first else list(range(tiles))
+            expected = [(t, h, b) for b in range(B) for h in range(H) for t in order]
+            assert [tuple(r) for r in out.tolist()] == expected, (rows, block, heaviest_first)
 
 
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
