@@ -233,6 +233,9 @@ _BWD_Q_CONFIGS = {
 }
 
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+# The dK/dV kernel also adds dQ with atomics when asked: timed apart, its accumulator zeroed
+# before each timed run and before the real one.
+_KV_TUNE = dict(key=_TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"])
 
 
 def _generation(device: torch.device) -> int:
@@ -587,20 +590,22 @@ def _load_row_stats(LSE, DELTA, bh, offs_m, L, q_hi):
 
 
 @triton.jit
-def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n, col_ok, offs_o, offs_vo,
-                  b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol, MASK, smb, smh, sml, sms,
+def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, DQh, LSE, DELTA, lo, hi, n0, rows_n, col_ok, offs_o, offs_vo,
+                  b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol, sdql, MASK, smb, smh, sml, sms,
                   qk_scale, threshold, keep_scale, seed, HEAD_DIM, HEAD_DIM_V, CHECK_CAUSAL: tl.constexpr,
-                  MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DVK: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr):
     """Accumulate columns offs_o of dK and offs_vo of dV of one key tile over the query tiles
-    [lo, hi) of one query head.
+    [lo, hi) of one query head; with ATOMIC_DQ also add this key tile's share of the same columns
+    of dQ (unscaled) to the float32 accumulator DQh, with atomics.
 
     Tiles are held transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no
-    transposition of P or dS. Columns past S are not masked: their dK, dV rows are never stored.
-    ``k`` / ``v`` are the whole key / value tiles when BLOCK_DK == BLOCK_D / BLOCK_DVK ==
-    BLOCK_DV; otherwise their chunks are read from Kn / Vn.
+    transposition of P or dS. Columns past S are not masked: their dK, dV rows are never stored
+    (and their K rows, loaded as 0, add nothing to dQ). ``k`` / ``v`` are the whole key / value
+    tiles when BLOCK_DK == BLOCK_D / BLOCK_DVK == BLOCK_DV; otherwise their chunks are read from
+    Kn / Vn.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -642,15 +647,25 @@ def _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, hi, n0, rows_n,
         else:
             q_o = _load_rows(Qh, rows_m, row_ok, sql, offs_o, HEAD_DIM)
             dk += tl.dot(dst.to(q_o.dtype), q_o, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            # dQ^T += K^T dS^T, (head-dim columns, queries): the product's M dimension is the head
+            # dim (64+ rows, what Hopper's warpgroup MMA needs), not the few query rows of the tile.
+            if BLOCK_DK == BLOCK_D and BLOCK_DO == BLOCK_D:
+                kt_o = tl.trans(k)
+            else:
+                kt_o = _load_rows_t(Kn, rows_n, col_ok, sks, offs_o, HEAD_DIM)
+            dqt = tl.dot(kt_o, dst.to(kt_o.dtype), input_precision=PRECISION)
+            tl.atomic_add(DQh + rows_m[None, :] * sdql + offs_o[:, None], dqt,
+                          mask=row_ok[None, :] & (offs_o[:, None] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS + ["L", "S", "GRID_KEYS"])
 def _attn_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,  # DK like K, DV like V
+    Q, K, V, DO, LSE, DELTA, MASK, DK, DV, DQ,  # DK like K, DV like V; DQ (B,H,L,D) float32 (ATOMIC_DQ)
     CU_Q, CU_K,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdol,
-    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, smb, smh, sml, sms,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sdqb, sdqh, sdql, smb, smh, sml, sms,
     H, GROUP, L, S, HEAD_DIM, HEAD_DIM_V, qk_scale, scale, threshold, keep_scale, SEED,
     L_BUCKET, S_BUCKET,  # autotuning key only
     GRID_KEYS,  # keys the grid tiles per (batch, kv head): S, or the longest sequence (varlen)
@@ -658,11 +673,13 @@ def _attn_bwd_kv_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DVK: tl.constexpr,
     BLOCK_DO: tl.constexpr, BLOCK_DVO: tl.constexpr, CHUNKS: tl.constexpr,
-    VARLEN: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, ATOMIC_DQ: tl.constexpr = False,
 ):
     """Head-dim chunk c of dK, dV (columns [c * BLOCK_DO, ...) and [c * BLOCK_DVO, ...)) for
     BLOCK_N keys of one kv head, summed over the GROUP query heads that read it (in a fixed order,
-    in registers: deterministic, no atomics)."""
+    in registers: deterministic, no atomics). With ATOMIC_DQ, also every query row's dQ share of
+    these keys, added to DQ (unscaled) with float32 atomics: the dQ kernel is then not run, and
+    the sum's order -- so its last bits -- varies from run to run."""
     pid_n, chunk, h_kv, b = _tile_head_batch(GRID_KEYS, BLOCK_N, H // GROUP, CHUNKS)
     if CHUNKS > 1:
         if (chunk * BLOCK_DO >= HEAD_DIM) & (chunk * BLOCK_DVO >= HEAD_DIM_V):  # padding columns only
@@ -705,15 +722,16 @@ def _attn_bwd_kv_kernel(
         bh = b * H + h
         Qh = Q + b64 * sqb + h.to(tl.int64) * sqh
         DOh = DO + b64 * sdob + h.to(tl.int64) * sdoh
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, lo, full, n0, rows_n, col_ok,
-                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol,
+        DQh = DQ + b64 * sdqb + h.to(tl.int64) * sdqh
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, DQh, LSE, DELTA, lo, full, n0, rows_n, col_ok,
+                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol, sdql,
                                MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
-                               HEAD_DIM_V, True, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_M,
+                               HEAD_DIM_V, True, MASK_KIND, HAS_DROPOUT, ATOMIC_DQ, PRECISION, BLOCK_M,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, BLOCK_DVO)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, LSE, DELTA, full, q_hi, n0, rows_n, col_ok,
-                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol,
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, Kn, Vn, Qh, DOh, DQh, LSE, DELTA, full, q_hi, n0, rows_n, col_ok,
+                               offs_o, offs_vo, b, h, bh, L, S, q_hi, k_hi, shift, sks, svs, sql, sdol, sdql,
                                MASK, smb, smh, sml, sms, qk_scale, threshold, keep_scale, seed, HEAD_DIM,
-                               HEAD_DIM_V, False, MASK_KIND, HAS_DROPOUT, PRECISION, BLOCK_M,
+                               HEAD_DIM_V, False, MASK_KIND, HAS_DROPOUT, ATOMIC_DQ, PRECISION, BLOCK_M,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DK, BLOCK_DVK, BLOCK_DO, BLOCK_DVO)
 
     dk_ptrs = DK + b64 * sdkb + h_kv.to(tl.int64) * sdkh + rows_n[:, None] * sdks + offs_o[None, :]
@@ -859,7 +877,7 @@ def _tuned_kernel(kind: str, kernel, table, block_d: int, block_dv: int, dtype: 
     key = (kind, block_d, block_dv, list_key)
     if key not in _tuned:
         configs = _triton_configs(kind, table[list_key], block_d, block_dv)
-        _tuned[key] = autotune(configs, key=_TUNE_KEY)(kernel)
+        _tuned[key] = autotune(configs, **(_KV_TUNE if kind == "bwd_kv" else {"key": _TUNE_KEY}))(kernel)
     return _tuned[key]
 
 
@@ -973,13 +991,16 @@ def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                   scale: float | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
-                  mask_grad: bool = False):
+                  mask_grad: bool = False, atomic_dq: bool = False):
     """Gradients of :func:`attention_fwd`, recomputing the scores from q, k and the saved lse.
 
     do, o (B, H, L, Dv); q, k, v, attn_mask, is_causal, scale, dropout_p, seed as in the forward;
     lse (B, H, 2, L) float32 from the forward. Returns dq, dk, dv shaped and typed like q, k, v
     (contiguous), and the gradient of a float ``attn_mask`` (its shape and dtype, summed over its
-    broadcast dims) when ``mask_grad`` is True, else None. Deterministic: no atomics.
+    broadcast dims) when ``mask_grad`` is True, else None. Deterministic (no atomics) unless
+    ``atomic_dq``: then the dK/dV kernel also adds dQ with float32 atomics, and the dQ kernel (two
+    of the seven matrix products) is not run; dq's last bits vary from run to run. A mask
+    gradient, which the dQ kernel stores, takes the deterministic kernels whatever ``atomic_dq``.
     """
     q, k, v, do, o = (_last_dim_contiguous(t) for t in (q, k, v, do, o))
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
@@ -995,14 +1016,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dmask = _sum_to_shape(ds.zero_(), attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_causal, scale, dropout_p, seed,
-                None)
+                None, atomic_dq)
     dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     return dq, dk, dv, dmask
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_causal, scale, dropout_p, seed,
-                varlen):
-    """The three backward kernels over (B, H, L, D)-shaped views (``varlen`` as in _launch_fwd)."""
+                varlen, atomic_dq=False):
+    """The three backward kernels over (B, H, L, D)-shaped views (``varlen`` as in _launch_fwd);
+    with ``atomic_dq`` (and no mask gradient) two: dQ comes from the dK/dV kernel's atomics."""
     B, H, L, D, H_kv, S, DV = _check_shapes(q, k, v)
     mask, mask_strides, mask_kind = _mask_arg(attn_mask, q, S)
     cu_q, cu_k, rows, keys, batch = (q, q, L, S, B) if varlen is None else (*varlen, varlen[0].numel() - 1)
@@ -1021,13 +1043,24 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, DV,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
 
+    atomic = atomic_dq and not mask_grad
+    # The atomics' float32 accumulator (unscaled): dq itself when it is float32 and contiguous.
+    dq_acc = dq
+    if atomic:
+        dq_acc = dq.zero_() if dq.dtype == torch.float32 and dq.is_contiguous() else \
+            torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
     kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype,
                               q.device, common["HAS_DROPOUT"])
     kv_kernel[_grid(keys, "BLOCK_N", H_kv, batch)](
-        q, k, v, do, lse, delta, mask, dk, dv, cu_q, cu_k,
+        q, k, v, do, lse, delta, mask, dk, dv, dq_acc, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-        *scalars, keys, **common)
+        *dk.stride()[:3], *dv.stride()[:3], *dq_acc.stride()[:3], *mask_strides,
+        *scalars, keys, ATOMIC_DQ=atomic, **common)
+    if atomic:
+        dq_acc.mul_(scale)
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return
 
     q_kernel = _tuned_kernel("bwd_q", _attn_bwd_q_kernel, _BWD_Q_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype,
                              q.device, common["HAS_DROPOUT"])
@@ -1101,9 +1134,10 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
                          scale: float | None = None, dropout_p: float = 0.0,
-                         seed: torch.Tensor | None = None):
+                         seed: torch.Tensor | None = None, atomic_dq: bool = False):
     """Gradients of :func:`varlen_attention_fwd`: dq, dk, dv shaped like q, k, v (keys outside
-    every sequence get 0). do, o (Tq, H, Dv); lse (H, 2, Tq) from the forward."""
+    every sequence get 0). do, o (Tq, H, Dv); lse (H, 2, Tq) from the forward; ``atomic_dq`` as in
+    :func:`attention_bwd`."""
     qp, kp, vp, dop, op = (_packed_view(t) for t in (q, k, v, do, o))
     _, H, L, D, H_kv, S, DV = _check_shapes(qp, kp, vp)
     # The kernels read offset i at CU + i: strided offsets are copied.
@@ -1113,5 +1147,5 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if L and S and max_seqlen_q > 0 and max_seqlen_k > 0 and cu_seqlens_q.numel() > 1:
         dqp, dkp, dvp = (t.permute(1, 0, 2).unsqueeze(0) for t in (dq, dk, dv))
         _launch_bwd(dop, qp, kp, vp, op, lse.unsqueeze(0), dqp, dkp, dvp, dq, None, False, is_causal, scale,
-                    dropout_p, seed, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                    dropout_p, seed, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), atomic_dq)
     return dq, dk, dv

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,20 @@ from ._validate import all_cpu, broadcast, check_bool, check_floating, check_sam
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # kernels.attention.MAX_HEAD_DIM (kept here so the torch path needs no Triton)
+BACKWARD_VAR = "FASTDL_ATTENTION_BACKWARD"
+_BACKWARDS = ("deterministic", "atomic")
+
+
+def atomic_dq() -> bool:
+    """Whether the kernels' attention backward adds dQ with float32 atomics (5 matrix products per
+    tile pair instead of 7, as FlashAttention-2; dq's last bits then vary between runs):
+    ``FASTDL_ATTENTION_BACKWARD=atomic``. The default, ``deterministic``, gives bitwise
+    reproducible gradients; so does ``torch.use_deterministic_algorithms(True)``, whatever the
+    variable says. Read at each backward call."""
+    value = os.environ.get(BACKWARD_VAR, "").strip().lower() or "deterministic"
+    if value not in _BACKWARDS:
+        raise ValueError(f"{BACKWARD_VAR} must be one of {', '.join(_BACKWARDS)}; got {value!r}")
+    return value == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
 def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale) -> tuple[torch.Size, ...]:
@@ -244,7 +259,7 @@ def _attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.T
         dq, dk, dv, dmask = backend.kernels("attention").attention_bwd(
             _as_4d(grad), _as_4d(query), _as_4d(key), _as_4d(value), _as_4d(out),
             lse.view(_stats_shape(_shape_4d(out))),
-            attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad)
+            attn_mask, is_causal, scale, dropout_p, seed, mask_grad=mask_grad, atomic_dq=atomic_dq())
         dq, dk, dv = dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
     return dq, dk, dv, or_empty(dmask if mask_grad else None, query)
 
@@ -471,7 +486,7 @@ def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
         return tuple(g.contiguous() for g in grads)  # the fake's layout
     return backend.kernels("attention").varlen_attention_bwd(
         grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-        dropout_p, seed)
+        dropout_p, seed, atomic_dq=atomic_dq())
 
 
 @fake(_varlen_attention_backward_op)

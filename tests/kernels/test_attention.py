@@ -515,6 +515,86 @@ def test_backward_is_deterministic(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.fixture
+def atomic_dq(backend, monkeypatch):
+    """FASTDL_ATTENTION_BACKWARD=atomic for the test; yields the kinds of attention kernels
+    launched (which must leave the dQ kernel out on the kernel paths)."""
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    kinds = []
+    if backend != "torch":
+        attention = fastdl.backend.kernels("attention")
+        real = attention._tuned_kernel
+        monkeypatch.setattr(attention, "_tuned_kernel", lambda kind, *a, **kw: kinds.append(kind) or real(
+            kind, *a, **kw))
+    yield kinds
+    if backend != "torch":
+        assert "bwd_kv" in kinds and "bwd_q" not in kinds, kinds
+
+
+# (B, H, H_kv, L, S, D, call keywords): grouped heads, causal with L > S, a head dim whose
+# configs cut it into chunks (fp32, 136 -> 256 block), a padding mask; lengths end mid-tile.
+ATOMIC_CASES = {
+    "gqa": ((2, 4, 2, 33, 70, 32), {"enable_gqa": True}),
+    "causal": ((1, 2, 2, 80, 47, 64), {"is_causal": True}),
+    "head dim 136": ((1, 2, 1, 21, 37, 136), {"enable_gqa": True}),
+    "padding mask": ((2, 2, 2, 35, 47, 16), {"attn_mask": "padding"}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(ATOMIC_CASES))
+def test_atomic_dq_backward(backend, device, atomic_dq, case, dtype):
+    """FASTDL_ATTENTION_BACKWARD=atomic: dQ added by the dK/dV kernel with float32 atomics (the
+    dQ kernel is not launched); every gradient still matches float64."""
+    (B, H, H_kv, L, S, D), kwargs = ATOMIC_CASES[case]
+    if kwargs.get("attn_mask") == "padding":
+        kwargs = {"attn_mask": _bool_mask((B, 1, 1, S), device, empty_rows=False)}
+    _check(_qkv(B, H, L, S, D, dtype, device, H_kv), dtype, **kwargs)
+
+
+def test_atomic_dq_with_dropout(backend, device, atomic_dq):
+    """The atomic dQ regenerates the forward's dropout mask too (causal, grouped heads)."""
+    B, H, L, S, D = 1, 4, 40, 70, 32
+    keep = _keep_mask(B, H, L, S, 0.2, 9, torch.float32, device)
+
+    def fastdl_fn(q, k, v):
+        torch.manual_seed(9)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True, enable_gqa=True)
+
+    check_op(fastdl_fn, lambda q, k, v: ref_attention(q, k, v, None, True, keep=keep, p=0.2),
+             _qkv(B, H, L, S, D, torch.float32, device, H_kv=2), rtol=RTOL, grad_rtol=RTOL)
+
+
+def test_atomic_dq_leaves_mask_gradients_to_the_deterministic_kernels(backend, device, monkeypatch):
+    """A float mask that requires grad needs the dQ kernel (it stores dS): the atomic setting
+    takes the deterministic kernels there, and every gradient is right."""
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    mask = torch.randn(2, 33, 40, device=device, requires_grad=True)
+    _check([*_qkv(1, 2, 33, 40, 32, torch.float32, device), mask], torch.float32)
+
+
+def test_attention_backward_setting(monkeypatch):
+    """FASTDL_ATTENTION_BACKWARD: deterministic by default, atomic on request, never atomic under
+    torch.use_deterministic_algorithms(True); anything else is refused naming the variable."""
+    from fastdl.functional.attention import atomic_dq
+    monkeypatch.delenv("FASTDL_ATTENTION_BACKWARD", raising=False)
+    assert not atomic_dq()
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", " Atomic ")
+    assert atomic_dq()
+    enabled, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not atomic_dq()
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "deterministic")
+    assert not atomic_dq()
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="FASTDL_ATTENTION_BACKWARD"):
+        atomic_dq()
+
+
 def test_bad_arguments(backend, device):
     q, k, v = (t.detach() for t in _qkv(1, 2, 5, 6, 16, torch.float32, device))
     sdpa = F.scaled_dot_product_attention

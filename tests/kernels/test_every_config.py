@@ -83,6 +83,26 @@ def _tilings(attention, cls: int, dropout: bool):
     return lists
 
 
+def _pin_tilings(kernels, monkeypatch, cls: int, index: int, tables=TABLES) -> tuple[bool, bool]:
+    """Make the fp32 lists of ``tables`` (the interpreter's, Hopper's) hold every tiling of
+    head-dim class ``cls``; (whether a plain, a dropout list has a tiling ``index``), skipping the
+    test when neither has."""
+    attention = kernels("attention")
+    plain, with_dropout = _tilings(attention, cls, False), _tilings(attention, cls, True)
+    plain, with_dropout = ([lists[TABLES.index(name)] for name in tables] for lists in (plain, with_dropout))
+    run_plain, run_dropout = (index < max(map(len, lists)) for lists in (plain, with_dropout))
+    if not (run_plain or run_dropout):
+        pytest.skip(f"head-dim class {cls} has fewer than {index + 1} tilings")
+    key = (90, cls, 4)  # the interpreter's lists (Hopper's) for fp32 inputs
+    monkeypatch.setattr(kernels("utils"), "INTERPRETER_CAPABILITY", 90)
+    for name, plain_list, dropout_list in zip(tables, plain, with_dropout):
+        table = dict(getattr(attention, name))
+        table[key], table[key + ("dropout",)] = plain_list, dropout_list  # fp32 inputs run these
+        monkeypatch.setattr(attention, name, table)
+    monkeypatch.setattr(attention, "_tuned", {})
+    return run_plain, run_dropout
+
+
 @pytest.mark.parametrize("index", range(MAX_TILINGS))
 @pytest.mark.parametrize("cls", list(HEAD_DIMS))
 def test_attention_config(kernels, monkeypatch, cls, index):
@@ -93,18 +113,7 @@ def test_attention_config(kernels, monkeypatch, cls, index):
     The interpreter computes in fp32 whatever the list (it has no registers or shared memory to
     run out of, and fp16 arithmetic there is slow), so the fp16/bf16 lists run on fp32 inputs:
     what is proven is the tiling and the head-dim chunking, the dtype paths are test_attention's."""
-    attention = kernels("attention")
-    plain, with_dropout = _tilings(attention, cls, False), _tilings(attention, cls, True)
-    run_plain, run_dropout = (index < max(map(len, lists)) for lists in (plain, with_dropout))
-    if not (run_plain or run_dropout):
-        pytest.skip(f"head-dim class {cls} has fewer than {index + 1} tilings")
-    key = (90, cls, 4)  # the interpreter's lists (Hopper's) for fp32 inputs
-    monkeypatch.setattr(kernels("utils"), "INTERPRETER_CAPABILITY", 90)
-    for name, plain_list, dropout_list in zip(TABLES, plain, with_dropout):
-        table = dict(getattr(attention, name))
-        table[key], table[key + ("dropout",)] = plain_list, dropout_list  # fp32 inputs run these
-        monkeypatch.setattr(attention, name, table)
-    monkeypatch.setattr(attention, "_tuned", {})
+    run_plain, run_dropout = _pin_tilings(kernels, monkeypatch, cls, index)
     D = HEAD_DIMS[cls]
     with kernels("utils").autotune_setting(index):
         if run_plain:
@@ -122,6 +131,31 @@ def test_attention_config(kernels, monkeypatch, cls, index):
             _check_attention([q.detach(), k.detach(), v])
         if run_dropout:
             # Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask.
+            keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
+
+            def dropped(q, k, v):
+                torch.manual_seed(11)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True,
+                                                      enable_gqa=True)
+
+            check_op(dropped, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
+                     _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+
+
+@pytest.mark.parametrize("index", range(MAX_TILINGS))
+@pytest.mark.parametrize("cls", list(HEAD_DIMS))
+def test_attention_atomic_dq_config(kernels, monkeypatch, cls, index):
+    """Tiling ``index`` of every dK/dV list of head-dim class ``cls`` with
+    FASTDL_ATTENTION_BACKWARD=atomic, where that kernel also adds dQ (in the tiling's head-dim
+    chunks): grouped heads with a padding mask, causal with L > S; with dropout, causal L < S."""
+    run_plain, run_dropout = _pin_tilings(kernels, monkeypatch, cls, index, ("_BWD_KV_CONFIGS",))
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    D = HEAD_DIMS[cls]
+    with kernels("utils").autotune_setting(index):
+        if run_plain:
+            _check_attention([*_qkv(1, 2, 1, 129, 63, D), torch.rand(1, 1, 1, 63) > 0.3], enable_gqa=True)
+            _check_attention(_qkv(1, 1, 1, 300, 63, D), is_causal=True)
+        if run_dropout:
             keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
 
             def dropped(q, k, v):

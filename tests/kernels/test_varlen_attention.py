@@ -76,6 +76,16 @@ def test_gqa_scale_and_head_dims(backend, device):
              rtol=2e-4, grad_rtol=2e-4)
 
 
+@pytest.mark.parametrize("kind", list(LENGTHS))
+def test_atomic_dq(backend, device, monkeypatch, kind):
+    """FASTDL_ATTENTION_BACKWARD=atomic: packed sequences' dQ added by the dK/dV kernel (rows of
+    the empty sequence and keys outside every sequence stay 0), causal, grouped heads."""
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    q, k, v, cu_q, cu_k, max_q, max_k = _inputs(*LENGTHS[kind], 4, 2, 40, torch.float32, device)
+    check_op(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True),
+             lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, True), [q, k, v], rtol=2e-4, grad_rtol=2e-4)
+
+
 def test_half_precision(backend, device):
     q, k, v, cu_q, cu_k, max_q, max_k = _inputs([21, 50], None, 2, 2, 32, torch.float16, device)
     check_op(lambda q, k, v: F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k),
