@@ -141,19 +141,24 @@ def embedding_launches():
                                         (True, True, True), None if bias is None else dtype)
 
 
-# Attention variants: (label, causal, mask kind, dropout, GQA, mask gradient). Full mode crosses
+# Attention variants: (label, causal, mask kind, dropout, GQA, mask gradient, atomic dQ). Full mode crosses
 # them with every dtype, head-dim class and config; the CI cover picks launches that reach each.
 # Mask kinds: "bool" / "float" vary along the query rows (whole tiles read); "bool keys" / "float
 # keys" are padding masks, one row of keys per batch entry (one vector per key tile).
+# The atomic-dQ variants launch the forward and the dK/dV kernel only (which then adds dQ).
 ATTENTION_VARIANTS = [
-    ("plain", False, None, 0.0, False, False),
-    ("causal", True, None, 0.0, False, False),
-    ("bool mask", False, "bool keys", 0.0, False, False),
-    ("float mask+grad", False, "float", 0.0, False, True),
-    ("causal dropout gqa", True, None, 0.1, True, False),
-    ("causal float mask+grad dropout gqa", True, "float", 0.1, True, True),
-    ("causal bool row mask gqa", True, "bool", 0.0, True, False),
-    ("float padding mask+grad dropout", False, "float keys", 0.1, False, True),
+    ("plain", False, None, 0.0, False, False, False),
+    ("causal", True, None, 0.0, False, False, False),
+    ("bool mask", False, "bool keys", 0.0, False, False, False),
+    ("float mask+grad", False, "float", 0.0, False, True, False),
+    ("causal dropout gqa", True, None, 0.1, True, False, False),
+    ("causal float mask+grad dropout gqa", True, "float", 0.1, True, True, False),
+    ("causal bool row mask gqa", True, "bool", 0.0, True, False, False),
+    ("float padding mask+grad dropout", False, "float keys", 0.1, False, True, False),
+    ("atomic dq", False, None, 0.0, False, False, True),
+    ("causal atomic dq dropout gqa", True, None, 0.1, True, False, True),
+    ("atomic dq bool padding mask dropout", False, "bool keys", 0.1, False, False, True),
+    ("causal atomic dq float row mask", True, "float", 0.0, False, False, True),
 ]
 HEAD_DIMS = (64, 128, 256)
 
@@ -164,7 +169,7 @@ def attention_launches():
     B, H, L, S = 1, 4, 128, 128
     for dtype in FLOAT_DTYPES:
         for D in HEAD_DIMS:
-            for name, causal, mask_kind, p, gqa, mask_grad in ATTENTION_VARIANTS:
+            for name, causal, mask_kind, p, gqa, mask_grad, atomic in ATTENTION_VARIANTS:
                 with case(f"{_dt(dtype)} D={D} {name}"):
                     H_kv = H // 2 if gqa else H
                     q = torch.randn(B, H, L, D).to(dtype)
@@ -179,7 +184,8 @@ def attention_launches():
                     elif mask_kind == "float":
                         mask = torch.randn(B, H, L, S).to(dtype)
                     o, lse = attention.attention_fwd(q, k, v, mask, causal, None, p, _SEED)
-                    attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, _SEED, mask_grad)
+                    attention.attention_bwd(o, q, k, v, o, lse, mask, causal, None, p, _SEED, mask_grad,
+                                            atomic)
         # A value head dim wider than the query/key one: their blocks (and chunks) differ.
         with case(f"{_dt(dtype)} D=64 Dv=128 plain"):
             q, k, v = torch.randn(B, H, L, 64).to(dtype), torch.randn(B, H, S, 64).to(dtype), torch.randn(
@@ -195,11 +201,13 @@ def varlen_attention_launches():
     H, D = 4, 64
     cu = torch.tensor([0, 50, 128, 200], dtype=torch.int32)
     for dtype in FLOAT_DTYPES:
-        for causal, p in ((False, 0.0), (True, 0.1)):
-            with case(f"{_dt(dtype)} varlen{' causal dropout' if causal else ''}"):
+        for label, causal, p, atomic in (("", False, 0.0, False), (" causal dropout", True, 0.1, False),
+                                         (" causal dropout atomic dq", True, 0.1, True)):
+            with case(f"{_dt(dtype)} varlen{label}"):
                 q, k, v = (torch.randn(200, H, D).to(dtype) for _ in range(3))
                 o, lse = attention.varlen_attention_fwd(q, k, v, cu, cu, 78, 78, causal, None, p, _SEED)
-                attention.varlen_attention_bwd(o, q, k, v, o, lse, cu, cu, 78, 78, causal, None, p, _SEED)
+                attention.varlen_attention_bwd(o, q, k, v, o, lse, cu, cu, 78, 78, causal, None, p, _SEED,
+                                               atomic)
 
 
 @spec("cross_entropy")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -523,7 +524,79 @@ def _attention_cases(env: Env) -> list[Case]:
                         f"attention {mode} D={d}{' causal' if causal else ''}",
                         _attention_impls(env, shape, causal, mode, grad, dtype),
                         priority=0 if (d == head_dims[-1] and length == lengths[len(lengths) // 2]) else 1))
+    cases.append(_bert_attention_case(env))
     return cases
+
+
+def _bert_attention_case(env: Env) -> Case:
+    """BERT-base's attention in training: 12 heads of 64, L = 512 (16 sequences on a GPU), a
+    (B, 1, 1, S) bool padding mask of a realistic length mix, dropout 0.1, forward + backward.
+    FLOPs are counted over the whole padded (L, S) square, as every implementation computes it."""
+    batch, heads, length, d, dtype = (16, 12, 512, 64, torch.bfloat16) if env.cuda else (2, 2, 64, 64,
+                                                                                          torch.float32)
+    # Sequence lengths spread over [L/8, L] (real batches: most sentences far shorter than L).
+    lengths = torch.linspace(length // 8, length, batch).round().long()
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).view(batch, 1, 1, length).to(env.device)
+    shape, p = (batch, heads, length, d), 0.1
+
+    def qkv():
+        return [_randn(shape, env, dtype, True) for _ in range(3)]
+
+    def build_fastdl(backward: str | None = None) -> Builder:
+        def build() -> Impl:
+            fn = fastdl_function("scaled_dot_product_attention")
+            q, k, v = qkv()
+            impl = _fastdl_impl(lambda: fn(q, k, v, attn_mask=mask, dropout_p=p), "fwd+bwd", [q, k, v], q)
+            if backward is not None:
+                impl = Impl(_with_attention_backward(impl.step, backward), impl.leaves, impl.backend)
+            return impl
+        return build
+
+    def torch_call(forward: Callable, compiled: bool = False) -> Builder:
+        def build() -> Impl:
+            fn = _compiled(forward) if compiled else forward
+            q, k, v = qkv()
+            return Impl(make_step(lambda: fn(q, k, v), "fwd+bwd", [q, k, v]), [q, k, v])
+        return build
+
+    def eager(q, k, v):
+        scores = torch.matmul(q, k.transpose(-2, -1)) * d ** -0.5
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+        return torch.matmul(TF.dropout(probs, p), v)
+
+    impls: dict[str, Builder] = {"fastdl": build_fastdl(), "eager": torch_call(eager)}
+    if env.cuda:
+        impls["fastdl_atomic_dq"] = build_fastdl("atomic")
+    if env.compile:
+        impls["compile"] = torch_call(eager, compiled=True)
+    # SDPA with whichever backend PyTorch picks for a bool mask with dropout (not flash: it takes
+    # no mask), and its memory-efficient one by name.
+    impls["sdpa"] = torch_call(lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                               dropout_p=p))
+    return Case("attention", "fwd+bwd", f"BERT B={batch} H={heads} L={length} D={d} padding mask dropout {p} "
+                f"{dtype_name(dtype)}",
+                {"batch": batch, "heads": heads, "seq": length, "head_dim": d, "causal": False, "bert": True,
+                 "dropout": p, "dtype": dtype_name(dtype), "tokens": batch * length,
+                 "real_tokens": int(lengths.sum())},
+                "TFLOP/s", attention_flops(batch, heads, length, length, d, False, "fwd+bwd"), length,
+                "sequence length", "attention BERT fwd+bwd (padding mask, dropout)",
+                impls, priority=0)
+
+
+def _with_attention_backward(step: Callable[[], None], value: str) -> Callable[[], None]:
+    """``step`` with FASTDL_ATTENTION_BACKWARD set to ``value`` while it runs (fastdl reads it at
+    each backward call)."""
+    def run() -> None:
+        previous = os.environ.get("FASTDL_ATTENTION_BACKWARD")
+        os.environ["FASTDL_ATTENTION_BACKWARD"] = value
+        try:
+            step()
+        finally:
+            if previous is None:
+                del os.environ["FASTDL_ATTENTION_BACKWARD"]
+            else:
+                os.environ["FASTDL_ATTENTION_BACKWARD"] = previous
+    return run
 
 
 def _attention_impls(env: Env, shape, causal: bool, mode: str, grad: bool, dtype) -> dict[str, Builder]:
@@ -570,9 +643,15 @@ def _attention_impls(env: Env, shape, causal: bool, mode: str, grad: bool, dtype
         return Impl(make_step(lambda: flash_attn.flash_attn_func(q, k, v, causal=causal), mode, [q, k, v]),
                     [q, k, v])
 
+    def build_fastdl_atomic() -> Impl:
+        impl = build_fastdl()
+        return Impl(_with_attention_backward(impl.step, "atomic"), impl.leaves, impl.backend)
+
     impls: dict[str, Builder] = {"fastdl": build_fastdl, "eager": build_eager}
     if env.compile:
         impls["compile"] = build_compile
+    if env.cuda and grad:
+        impls["fastdl_atomic_dq"] = build_fastdl_atomic
     if env.cuda:
         impls["sdpa_flash"] = sdpa("FLASH_ATTENTION")
         impls["sdpa_cudnn"] = sdpa("CUDNN_ATTENTION")

@@ -439,7 +439,8 @@ def attention_memory_table(report: dict[str, Any]) -> list[str]:
     entry = report["ops"].get("attention")
     if not entry or entry["status"] != "ok":
         return []
-    rows = [c for c in entry["cases"] if c["mode"] == "fwd+bwd" and not c["params"]["causal"]]
+    rows = [c for c in entry["cases"] if c["mode"] == "fwd+bwd" and not c["params"]["causal"]
+            and not c["params"].get("bert")]
     rows = [c for c in rows if any(r.get("peak_memory_MiB") is not None for r in c["results"].values())]
     if not rows:
         return []

@@ -61,6 +61,16 @@ Z = the dropout mask scaled by 1 / (1 - p) (all ones without dropout)::
 Two kernels, neither with atomics: one program per key/value tile (of one kv head) walks every
 query tile of every query head sharing that kv head and accumulates dK, dV in registers; a second
 program per query tile walks the key/value tiles and accumulates dQ. Both are deterministic.
+That costs seven matrix products per (query tile, key tile) pair: the dQ kernel recomputes
+q k^T and dO v^T. Opt-in (``atomic_dq``, FASTDL_ATTENTION_BACKWARD=atomic), the dK/dV kernel
+also computes its tile's share of dQ, as FlashAttention-2 does -- dQ^T += K^T dS^T, oriented so
+that the product's M dimension is the head dim (Hopper's warpgroup MMA needs 64 rows, which the
+dK/dV kernel's few query rows are not) -- and adds it to a float32 (B, H, L, D) buffer with
+atomics; the dQ kernel is not run: five products per pair, at the price of dq's last bits varying
+from run to run (the order of the float32 additions). Its configs are lists of their own
+(``_ATOMIC_KV_CONFIGS``); where there is none (Ampere-style GPUs, whose mma.sync accumulators
+spill with the extra tiles) and for a mask gradient (stored by the dQ kernel) the deterministic
+kernels run.
 The dQ kernel can also write dS per (b, h) for a float mask that requires grad, in the mask's
 row-major order (the dK/dV kernel, holding its tiles transposed, has neither the registers nor the
 store pattern for it); the caller sums it over the mask's broadcast dimensions.
@@ -232,6 +242,24 @@ _BWD_Q_CONFIGS = {
     (80, 256, 4, "dropout"): [(64, 16, 8, 1, 64, 128), (32, 32, 8, 1, 32, 64), (64, 16, 8, 1, 32, 64)],
 }
 
+# dK/dV kernel adding dQ with atomics (FASTDL_ATTENTION_BACKWARD=atomic): its own lists, since
+# the transposed K chunk and the dQ^T tile take registers that some of the lists above lack. A
+# launch whose (generation, class, size) has no list here takes the deterministic kernels.
+_ATOMIC_KV_CONFIGS = {
+    (90, 64, 2): [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2)],
+    (90, 64, 2, "dropout"): [(16, 64, 8, 1)],
+    (90, 128, 2): [(32, 64, 8, 1, 64, 0), (32, 64, 8, 1, 32, 0), (16, 64, 8, 2), (16, 64, 8, 1, 64, 0)],
+    (90, 128, 2, "dropout"): [(16, 64, 8, 1, 64, 0)],
+    (90, 256, 2): [(32, 64, 8, 1, 64, 128), (32, 64, 8, 1, 128, 128)],
+    (90, 256, 2, "dropout"): [(16, 64, 8, 1, 64, 128)],
+    (90, 64, 4): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 64, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 128, 4): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 32, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 128, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 256, 4): [(16, 64, 8, 1, 32, 32), (16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 16, 32)],
+    (90, 256, 4, "dropout"): [(16, 64, 8, 1, 16, 32), (16, 64, 4, 1, 16, 32)],
+}
+
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
 # The dK/dV kernel also adds dQ with atomics when asked: timed apart, its accumulator zeroed
 # before each timed run and before the real one.
@@ -256,7 +284,7 @@ def _triton_configs(kind: str, entries, block_d: int, block_dv: int):
         widths = {"BLOCK_DK": width(dk, block_d), "BLOCK_DVK": width(dk, block_dv),
                   "BLOCK_DO": width(do, block_d), "BLOCK_DVO": width(do, block_dv)}
         per_d, per_dv = block_d // widths["BLOCK_DO"], block_dv // widths["BLOCK_DVO"]
-        chunk_count = {"fwd": per_dv, "bwd_q": per_d, "bwd_kv": max(per_d, per_dv)}[kind]
+        chunk_count = {"fwd": per_dv, "bwd_q": per_d}.get(kind, max(per_d, per_dv))  # bwd_kv[_atomic]
         configs.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, **widths, "CHUNKS": chunk_count},
                                      num_warps=w, num_stages=s))
     return configs
@@ -871,14 +899,22 @@ def _tuned_kernel(kind: str, kernel, table, block_d: int, block_dv: int, dtype: 
     """The autotuned wrapper of ``kernel`` for one config list, for these head-dim blocks: the
     list of (generation, head-dim class, element size), or with dropout its "dropout" list where
     the table has one (the keep-mask's Philox rounds take registers that larger tiles lack)."""
-    generation, size = _generation(device), 4 if dtype == torch.float32 else 2
-    base = (generation, _head_dim_class(max(block_d, block_dv)), size)
-    list_key = base + ("dropout",) if dropout and base + ("dropout",) in table else base
+    list_key = _list_key(table, block_d, block_dv, dtype, device, dropout)
     key = (kind, block_d, block_dv, list_key)
     if key not in _tuned:
         configs = _triton_configs(kind, table[list_key], block_d, block_dv)
-        _tuned[key] = autotune(configs, **(_KV_TUNE if kind == "bwd_kv" else {"key": _TUNE_KEY}))(kernel)
+        tune = _KV_TUNE if kind.startswith("bwd_kv") else {"key": _TUNE_KEY}
+        _tuned[key] = autotune(configs, **tune)(kernel)
     return _tuned[key]
+
+
+def _list_key(table, block_d: int, block_dv: int, dtype: torch.dtype, device: torch.device, dropout: bool):
+    """The key of ``table``'s list for a launch (see :func:`_tuned_kernel`), None if it has none."""
+    generation, size = _generation(device), 4 if dtype == torch.float32 else 2
+    base = (generation, _head_dim_class(max(block_d, block_dv)), size)
+    if dropout and base + ("dropout",) in table:
+        return base + ("dropout",)
+    return base if base in table else None
 
 
 def _grid(rows: int, block: str, heads: int, batch: int):
@@ -1043,14 +1079,16 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, ds, attn_mask, mask_grad, is_ca
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, L, DV,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=BLOCK_DV)
 
-    atomic = atomic_dq and not mask_grad
+    has_list = _list_key(_ATOMIC_KV_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype, q.device, common["HAS_DROPOUT"])
+    atomic = atomic_dq and not mask_grad and has_list is not None
     # The atomics' float32 accumulator (unscaled): dq itself when it is float32 and contiguous.
     dq_acc = dq
     if atomic:
         dq_acc = dq.zero_() if dq.dtype == torch.float32 and dq.is_contiguous() else \
             torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
-    kv_kernel = _tuned_kernel("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS, BLOCK_D, BLOCK_DV, q.dtype,
-                              q.device, common["HAS_DROPOUT"])
+    kv_kernel = _tuned_kernel(*(("bwd_kv_atomic", _attn_bwd_kv_kernel, _ATOMIC_KV_CONFIGS) if atomic else
+                                ("bwd_kv", _attn_bwd_kv_kernel, _BWD_KV_CONFIGS)),
+                              BLOCK_D, BLOCK_DV, q.dtype, q.device, common["HAS_DROPOUT"])
     kv_kernel[_grid(keys, "BLOCK_N", H_kv, batch)](
         q, k, v, do, lse, delta, mask, dk, dv, dq_acc, cu_q, cu_k,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],

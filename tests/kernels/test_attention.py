@@ -528,7 +528,7 @@ def atomic_dq(backend, monkeypatch):
             kind, *a, **kw))
     yield kinds
     if backend != "torch":
-        assert "bwd_kv" in kinds and "bwd_q" not in kinds, kinds
+        assert "bwd_kv_atomic" in kinds and "bwd_q" not in kinds, kinds
 
 
 # (B, H, H_kv, L, S, D, call keywords): grouped heads, causal with L > S, a head dim whose

@@ -66,16 +66,16 @@ def _keep_mask(B, H, L, S, p, seed):
     return keep
 
 
-def _tilings(attention, cls: int, dropout: bool):
-    """Per table (TABLES order), the distinct tilings -- (BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DO) --
-    of every list of head-dim class ``cls``, both GPU generations and both element sizes, for
-    plain launches or for dropout ones, as config tuples. The interpreter runs a program's
-    operations one after another whatever num_warps and num_stages say, so two configs that differ
-    only in those compute the same thing: one run proves both."""
+def _tilings(attention, cls: int, dropout: bool, tables=TABLES):
+    """Per table (``tables`` order), the distinct tilings -- (BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DO) --
+    of every list of head-dim class ``cls``, both GPU generations (where the table has lists for
+    them) and both element sizes, for plain launches or for dropout ones, as config tuples. The
+    interpreter runs a program's operations one after another whatever num_warps and num_stages
+    say, so two configs that differ only in those compute the same thing: one run proves both."""
     lists = []
-    for name in TABLES:
+    for name in tables:
         table, seen = getattr(attention, name), {}
-        for key in ((g, cls, size) for g in (90, 80) for size in (2, 4)):
+        for key in ((g, cls, size) for g in (90, 80) for size in (2, 4) if (g, cls, size) in table):
             entries = table.get(key + ("dropout",), table[key]) if dropout else table[key]
             for m, n, _, _, *chunks in entries:
                 seen.setdefault((m, n, *(chunks or (0, 0))), None)
@@ -88,8 +88,7 @@ def _pin_tilings(kernels, monkeypatch, cls: int, index: int, tables=TABLES) -> t
     head-dim class ``cls``; (whether a plain, a dropout list has a tiling ``index``), skipping the
     test when neither has."""
     attention = kernels("attention")
-    plain, with_dropout = _tilings(attention, cls, False), _tilings(attention, cls, True)
-    plain, with_dropout = ([lists[TABLES.index(name)] for name in tables] for lists in (plain, with_dropout))
+    plain, with_dropout = _tilings(attention, cls, False, tables), _tilings(attention, cls, True, tables)
     run_plain, run_dropout = (index < max(map(len, lists)) for lists in (plain, with_dropout))
     if not (run_plain or run_dropout):
         pytest.skip(f"head-dim class {cls} has fewer than {index + 1} tilings")
@@ -145,10 +144,10 @@ def test_attention_config(kernels, monkeypatch, cls, index):
 @pytest.mark.parametrize("index", range(MAX_TILINGS))
 @pytest.mark.parametrize("cls", list(HEAD_DIMS))
 def test_attention_atomic_dq_config(kernels, monkeypatch, cls, index):
-    """Tiling ``index`` of every dK/dV list of head-dim class ``cls`` with
-    FASTDL_ATTENTION_BACKWARD=atomic, where that kernel also adds dQ (in the tiling's head-dim
+    """Tiling ``index`` of every atomic-dQ list of head-dim class ``cls``
+    (FASTDL_ATTENTION_BACKWARD=atomic: the dK/dV kernel also adds dQ, in the tiling's head-dim
     chunks): grouped heads with a padding mask, causal with L > S; with dropout, causal L < S."""
-    run_plain, run_dropout = _pin_tilings(kernels, monkeypatch, cls, index, ("_BWD_KV_CONFIGS",))
+    run_plain, run_dropout = _pin_tilings(kernels, monkeypatch, cls, index, ("_ATOMIC_KV_CONFIGS",))
     monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
     D = HEAD_DIMS[cls]
     with kernels("utils").autotune_setting(index):
@@ -179,19 +178,36 @@ def test_generation_picks_its_lists(kernels, monkeypatch):
         assert [c.all_kwargs() for c in tuned.configs] == [c.all_kwargs() for c in expected], capability
 
 
+@pytest.mark.parametrize("capability,kinds", [(90, {"bwd_kv_atomic"}), (80, {"bwd_kv", "bwd_q"})])
+def test_atomic_dq_where_it_has_lists(kernels, monkeypatch, capability, kinds):
+    """FASTDL_ATTENTION_BACKWARD=atomic takes the atomic dK/dV kernel where its generation has
+    lists (Hopper), the deterministic kernels elsewhere (Ampere's spill): right gradients both ways."""
+    attention = kernels("attention")
+    monkeypatch.setattr(kernels("utils"), "INTERPRETER_CAPABILITY", capability)
+    monkeypatch.setattr(attention, "_tuned", {})
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    launched = []
+    real = attention._tuned_kernel
+    monkeypatch.setattr(attention, "_tuned_kernel", lambda kind, *a, **kw: launched.append(kind) or real(
+        kind, *a, **kw))
+    _check_attention(_qkv(1, 2, 1, 70, 45, 40), is_causal=True, enable_gqa=True)
+    assert set(launched) - {"fwd"} == kinds, launched
+
+
 def test_lists_fit_the_sweep(kernels):
     """MAX_TILINGS covers every head-dim class's tilings, and each list is keyed by a GPU
     generation, a head-dim class and an element size (optionally for dropout):
-    test_attention_config runs them all."""
+    test_attention_config runs them all (the atomic-dQ lists: test_attention_atomic_dq_config)."""
     attention = kernels("attention")
-    for name in TABLES:
+    for name in TABLES + ("_ATOMIC_KV_CONFIGS",):
         for key, entries in getattr(attention, name).items():
             assert len(entries) <= 4, (name, key)  # what an autotuner on a GPU can afford to try
             assert key[:3] in {(g, c, s) for g in (90, 80) for c in HEAD_DIMS for s in (2, 4)}, (name, key)
             assert key[3:] in ((), ("dropout",)), (name, key)
     for cls in HEAD_DIMS:
         for dropout in (False, True):
-            assert max(map(len, _tilings(attention, cls, dropout))) <= MAX_TILINGS, (cls, dropout)
+            for tables in (TABLES, ("_ATOMIC_KV_CONFIGS",)):
+                assert max(map(len, _tilings(attention, cls, dropout, tables))) <= MAX_TILINGS, (cls, dropout)
 
 
 def test_every_config_is_pinned(kernels):
