@@ -136,6 +136,23 @@ def test_kernel_path_never_syncs(kernel_backend, case):
     assert recorder.calls == [], f"{name} synchronises: {recorder.calls}"
 
 
+def test_atomic_dq_never_syncs(kernel_backend, monkeypatch):
+    """The atomic-dQ attention backward (FASTDL_ATTENTION_BACKWARD=atomic): no host sync either."""
+    monkeypatch.setenv("FASTDL_ATTENTION_BACKWARD", "atomic")
+    device = kernel_backend
+
+    def run():
+        q, k, v = (torch.randn(2, 4, 23, 16, device=device).requires_grad_() for _ in range(3))
+        mask = (torch.rand(2, 1, 1, 23, device=device) > 0.3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2)
+
+    run()
+    with _sync_free(kernel_backend) as recorder:
+        out = run()
+        out.backward(torch.ones_like(out))
+    assert recorder.calls == [], recorder.calls
+
+
 def test_device_side_index_check(kernel_backend):
     """The check CUDA tensors get by default, here in its CPU form (torch._assert_async raises at
     once on CPU, at the next synchronisation on CUDA): it fails for a bad index of each table."""

@@ -53,6 +53,18 @@ def _check_attention(inputs, **kwargs):
              inputs, rtol=2e-4, grad_rtol=2e-4)
 
 
+def _check_causal_dropout_gqa(D):
+    """Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask."""
+    keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
+
+    def dropped(q, k, v):
+        torch.manual_seed(11)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+
+    check_op(dropped, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
+             _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+
+
 def _keep_mask(B, H, L, S, p, seed):
     """The dropout mask of a (B, H, L, S) call after ``torch.manual_seed(seed)``, read off an
     identity problem (q = k = 0 so P = 1/S; v = I returns P's mask); S <= 256."""
@@ -129,16 +141,7 @@ def test_attention_config(kernels, monkeypatch, cls, index):
             q, k, v = _qkv(1, 1, 1, 63, 1, D)
             _check_attention([q.detach(), k.detach(), v])
         if run_dropout:
-            # Causal with L < S, dropout, grouped heads: forward and backward under the seed's mask.
-            keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
-
-            def dropped(q, k, v):
-                torch.manual_seed(11)
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True,
-                                                      enable_gqa=True)
-
-            check_op(dropped, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
-                     _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+            _check_causal_dropout_gqa(D)
 
 
 @pytest.mark.parametrize("index", range(MAX_TILINGS))
@@ -155,15 +158,7 @@ def test_attention_atomic_dq_config(kernels, monkeypatch, cls, index):
             _check_attention([*_qkv(1, 2, 1, 129, 63, D), torch.rand(1, 1, 1, 63) > 0.3], enable_gqa=True)
             _check_attention(_qkv(1, 1, 1, 300, 63, D), is_causal=True)
         if run_dropout:
-            keep = _keep_mask(1, 2, 63, 129, 0.25, 11)
-
-            def dropped(q, k, v):
-                torch.manual_seed(11)
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True,
-                                                      enable_gqa=True)
-
-            check_op(dropped, lambda q, k, v: ref_attention(q, k, v, is_causal=True, keep=keep, p=0.25),
-                     _qkv(1, 2, 1, 63, 129, D), rtol=2e-4, grad_rtol=2e-4)
+            _check_causal_dropout_gqa(D)
 
 
 def test_generation_picks_its_lists(kernels, monkeypatch):
