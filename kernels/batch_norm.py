@@ -398,8 +398,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training: bool, need_param_grads: 
             x3, dy3, mean, rstd, part_dy, part_dyxhat, C, S, R, rows_per_program,
             *x3.stride(), *dy3.stride(),
             SHIFTED=training, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
-        sum_dy = sum_partials(part_dy, mean.dtype)
-        sum_dyxhat = sum_partials(part_dyxhat, mean.dtype)
+        sum_dy, sum_dyxhat = sum_partials((part_dy, mean.dtype), (part_dyxhat, mean.dtype))
     _bn_bwd_dx_kernel[check_grid((triton.cdiv(R, BLOCK_R) * c_blocks,), "batch_norm")](
         x3, dy3, dx3, mean, rstd, weight if weight is not None else mean, sum_dy, sum_dyxhat,
         C, S, R, *x3.stride(), *dy3.stride(), *dx3.stride(),

@@ -52,7 +52,7 @@ from .dropout import keep_scale
 from .layer_norm import scale_shift
 from .utils import (INTERPRET, PER_CALL_ARGS, acc_dtype, block_size, check_grid, dropout_counters,
                     dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
-                    sum_partials)
+                    partial_rows, sum_partials)
 
 # Elements one gather program moves. The interpreter runs programs one after another, each with a
 # fixed overhead, so it gets fewer, larger tiles.
@@ -375,8 +375,9 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
     programs = num_programs(device, M)
     rows_per_program = triton.cdiv(M, programs) if M else 0
     programs = triton.cdiv(M, rows_per_program) if M else 0
-    dw_part = torch.zeros((programs, N) if has_w else (0,), dtype=mean.dtype, device=device)
-    db_part = torch.zeros((programs, N) if has_b else (0,), dtype=mean.dtype, device=device)
+    # One block per row (N <= MAX_BERT_DIM): each program stores its partial rows whole.
+    dw_part, db_part = (partial_rows(programs, N, wanted, mean.dtype, device, False)
+                        for wanted in (has_w, has_b))
     if M > 0 and N > 0:
         BLOCK_N = block_size(N)
         _bert_embeddings_bwd_kernel[check_grid((programs,), "bert_embeddings")](
@@ -387,8 +388,8 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
             HAS_W=has_w, HAS_B=has_b, DROPOUT=seed is not None and p > 0.0,
             ACC=acc_dtype(mean.dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
         )
-    d_ln_w = sum_partials(dw_part, ln_weight.dtype) if has_w else None
-    d_ln_b = sum_partials(db_part, ln_bias_dtype) if has_b else None
+    d_ln_w, d_ln_b = (None, None) if not (has_w or has_b) else sum_partials(
+        (dw_part, ln_weight.dtype) if has_w else None, (db_part, ln_bias_dtype) if has_b else None)
 
     # One segment sum scatters ds into every table that wants a gradient, stacked row-wise: table
     # t's rows start at offset[t] of the stacked gradient, its keys are ids + offset[t].

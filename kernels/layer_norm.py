@@ -31,7 +31,7 @@ import triton.language as tl
 from .dropout import keep_scale
 from .utils import (MAX_FUSED_ELEMENTS, PER_CALL_ARGS, acc_dtype, block_size, check_grid, dropout_counters,
                     dropout_keep, dropout_threshold, ensure_contiguous, num_programs, num_warps_for,
-                    sum_partials)
+                    partial_rows, sum_partials)
 
 
 @triton.jit
@@ -281,11 +281,10 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     programs = num_programs(x.device, M)
     rows_per_program = triton.cdiv(M, programs) if M else 0
     programs = triton.cdiv(M, rows_per_program) if M else 0
-    part_shape = (programs, N)
-    dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=x.device)
-    db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=x.device)
+    BLOCK_N = _bwd_row_block(N)
+    dw_part, db_part = (partial_rows(programs, N, wanted, rstd.dtype, x.device, BLOCK_N < N)
+                        for wanted in (has_w, has_bias))
     if M > 0 and N > 0:
-        BLOCK_N = _bwd_row_block(N)
         _norm_bwd_kernel[check_grid((programs,), "norm")](
             x, weight if has_w else x, dy, dx, mean if mean is not None else rstd, rstd,
             dw_part, db_part, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
@@ -293,9 +292,17 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
             ACC=acc_dtype(x.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
             num_warps=_bwd_num_warps(BLOCK_N, N),
         )
-    dw = sum_partials(dw_part, weight.dtype) if has_w else None
-    db = sum_partials(db_part, weight.dtype if has_w else rstd.dtype) if has_bias else None
+    dw, db = _sum_dw_db(dw_part, db_part, weight.dtype if has_w else None,
+                        (weight.dtype if has_w else rstd.dtype) if has_bias else None)
     return dx, dw, db
+
+
+def _sum_dw_db(dw_part, db_part, dw_dtype, db_dtype):
+    """(dw, db) from their partial rows in one launch; None where its dtype is None."""
+    if dw_dtype is None and db_dtype is None:
+        return None, None
+    return sum_partials(None if dw_dtype is None else (dw_part, dw_dtype),
+                        None if db_dtype is None else (db_part, db_dtype))
 
 
 def layer_norm_fwd(x, weight, bias, eps: float):
@@ -562,11 +569,10 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
     programs = num_programs(pre.device, M)
     rows_per_program = triton.cdiv(M, programs) if M else 0
     programs = triton.cdiv(M, rows_per_program) if M else 0
-    part_shape = (programs, N)
-    dw_part = torch.zeros(part_shape if has_w else (0,), dtype=rstd.dtype, device=pre.device)
-    db_part = torch.zeros(part_shape if has_bias else (0,), dtype=rstd.dtype, device=pre.device)
+    BLOCK_N = _bwd_row_block(N)
+    dw_part, db_part = (partial_rows(programs, N, wanted, rstd.dtype, pre.device, BLOCK_N < N)
+                        for wanted in (has_w, has_bias))
     if M > 0 and N > 0:
-        BLOCK_N = _bwd_row_block(N)
         _dropout_add_norm_bwd_kernel[check_grid((programs,), "dropout_add_norm")](
             dout, dpre if dpre is not None else dout, pre, weight if has_w else pre, mean, rstd,
             dx, dres if has_res else dx, dw_part, db_part,
@@ -576,6 +582,5 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
             ACC=acc_dtype(pre.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
             num_warps=_bwd_num_warps(BLOCK_N, N, add_norm=True),
         )
-    dw = sum_partials(dw_part, weight.dtype) if has_w else None
-    db = sum_partials(db_part, bias_dtype) if has_bias else None
+    dw, db = _sum_dw_db(dw_part, db_part, weight.dtype if has_w else None, bias_dtype if has_bias else None)
     return dx, dres, dw, db

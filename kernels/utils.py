@@ -216,10 +216,10 @@ def ensure_contiguous(fn):
     return wrapper
 
 
-@triton.jit(do_not_specialize=PER_CALL_ARGS)
-def _sum_partials_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT[n] = sum_g PART[g, n] for one block of columns. PART: (G, N) float32/64, contiguous."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _column_sums(PART, OUT, block, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[n] = sum_g PART[g, n] for column block ``block``, rows added in a fixed order."""
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=PART.dtype.element_ty)
     for g in range(0, G, BLOCK_G):
@@ -229,24 +229,63 @@ def _sum_partials_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.con
     tl.store(OUT + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
-def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Deterministic column sum of per-program partial results.
+@triton.jit(do_not_specialize=PER_CALL_ARGS)
+def _sum_partials_kernel(PART_A, OUT_A, PART_B, OUT_B, G, N, TWO: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Column sums of PART_A (G, N) into OUT_A and, with TWO, of PART_B into OUT_B: the programs
+    past the first buffer's column blocks take the second's. PART_*: float32/64, contiguous."""
+    block = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK_N)
+    if TWO and block >= blocks:
+        _column_sums(PART_B, OUT_B, block - blocks, G, N, BLOCK_G, BLOCK_N)
+    else:
+        _column_sums(PART_A, OUT_A, block, G, N, BLOCK_G, BLOCK_N)
+
+
+# Columns per program of sum_partials: narrow, so that a (programs, 768) buffer is summed by 24
+# programs per buffer rather than 6 (each reading G rows of its columns in turn).
+SUM_BLOCK_N = 32
+
+
+def sum_partials(*parts: tuple[torch.Tensor, torch.dtype] | None) -> tuple[torch.Tensor | None, ...]:
+    """Deterministic column sums of per-program partial results, one or two buffers in one launch.
 
     Kernels that reduce over many rows (weight gradients, batch statistics) write one partial
     row per program instead of using float atomics, whose summation order -- and so result --
     changes from run to run; this second small kernel adds the partial rows in a fixed order.
 
-    partials: (G, N) float32 or float64, contiguous. Returns (N,) in ``out_dtype``.
+    parts: (partials, out_dtype) pairs or None; partials (G, N) float32 or float64, contiguous,
+    the same (G, N) for both. Returns, per pair, the (N,) sums in ``out_dtype`` (None for None).
     """
-    G, N = partials.shape
-    out = torch.empty(N, dtype=out_dtype, device=partials.device)
-    if N == 0:
-        return out
-    BLOCK_N = 128
-    BLOCK_G = min(32, triton.next_power_of_2(max(G, 1)))
-    _sum_partials_kernel[check_grid((triton.cdiv(N, BLOCK_N),), "sum_partials")](
-        partials, out, G, N, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N)
-    return out
+    given = [p for p in parts if p is not None]
+    if not 1 <= len(given) <= 2:
+        raise ValueError(f"sum_partials takes one or two buffers, got {len(given)}")
+    if len(given) == 2 and given[0][0].shape != given[1][0].shape:
+        raise ValueError(f"sum_partials: buffers of shapes {tuple(given[0][0].shape)} and "
+                         f"{tuple(given[1][0].shape)}")
+    G, N = given[0][0].shape
+    outs = [torch.empty(N, dtype=dtype, device=part.device) for part, dtype in given]
+    if N > 0:
+        (part_a, _), (part_b, _) = given[0], given[-1]
+        blocks = triton.cdiv(N, SUM_BLOCK_N)
+        _sum_partials_kernel[check_grid((blocks * len(given),), "sum_partials")](
+            part_a, outs[0], part_b, outs[-1], G, N, TWO=len(given) == 2,
+            BLOCK_G=min(64, triton.next_power_of_2(max(G, 1))), BLOCK_N=SUM_BLOCK_N)
+    it = iter(outs)
+    return tuple(None if p is None else next(it) for p in parts)
+
+
+def partial_rows(programs: int, N: int, wanted: bool, dtype: torch.dtype, device, accumulated: bool):
+    """The (programs, N) buffer of per-program partial sums for :func:`sum_partials` ((0,) when
+    not ``wanted``). Zeroed only when the kernel adds to it (``accumulated``, a streamed row):
+    a kernel that stores each program's row whole needs no zero pass."""
+    shape = (programs, N) if wanted else (0,)
+    return (torch.zeros if accumulated else _uninitialised)(shape, dtype=dtype, device=device)
+
+
+def _uninitialised(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, by a name that a test can replace with a NaN-filled allocation."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def dropout_threshold(p: float) -> int:

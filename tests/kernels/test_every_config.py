@@ -272,6 +272,33 @@ def test_norms_many_rows_per_program(kernels, constants, N):
              rtol=1e-5, grad_rtol=1e-5)
 
 
+@pytest.mark.parametrize("N", [61, 10007])  # a row in registers (partials stored whole); streamed
+def test_partial_rows_from_unwritten_buffers(kernels, constants, monkeypatch, N):
+    """The norm, add & norm and BERT-embedding backwards take their per-program dw/db rows
+    unzeroed where every program stores its row whole: buffers come NaN-filled here, so a row
+    that some program failed to store (or a streamed row that needs its zeros) shows."""
+    utils = kernels("utils")
+    monkeypatch.setattr(utils, "_uninitialised", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    M = 37
+
+    def leaves(*shapes):
+        return [torch.randn(shape).requires_grad_() for shape in shapes]
+
+    check_op(lambda x, w, b: F.layer_norm(x, (N,), w, b), lambda x, w, b: TF.layer_norm(x, (N,), w, b),
+             leaves((M, N), N, N), rtol=1e-5, grad_rtol=1e-5)
+    check_op(lambda x, r, w, b: F.dropout_add_layer_norm(x, r, w, b, p=0.0, training=True)[0],
+             lambda x, r, w, b: TF.layer_norm(x + r, (N,), w, b), leaves((M, N), (M, N), N, N),
+             rtol=1e-5, grad_rtol=1e-5)
+    if N < 1000:
+        ids, types = torch.randint(0, 50, (2, 19)), torch.randint(0, 2, (2, 19))
+        check_op(lambda word, pos, typ, w, b: F.bert_embeddings(ids, types, None, word, pos, typ, w, b, 1e-12,
+                                                                0.0, True),
+                 lambda word, pos, typ, w, b: TF.layer_norm(word[ids] + pos[:19] + typ[types], (N,), w, b,
+                                                            1e-12),
+                 leaves((50, N), (19, N), (2, N), N, N), rtol=1e-5, grad_rtol=1e-5)
+
+
 def test_batch_norm_program_split(kernels, constants):
     """Training batch norm: per-program partial statistics merged in order, for either split."""
     x = (torch.randn(37, 5, 29) * 2 + 4).requires_grad_()
