@@ -538,6 +538,7 @@ ATOMIC_CASES = {
     "causal": ((1, 2, 2, 80, 47, 64), {"is_causal": True}),
     "head dim 136": ((1, 2, 1, 21, 37, 136), {"enable_gqa": True}),
     "padding mask": ((2, 2, 2, 35, 47, 16), {"attn_mask": "padding"}),
+    "value head dim 80": ((1, 2, 2, 30, 41, 48), {"Dv": 80}),  # dK/dV chunks past dQ's columns
 }
 
 
@@ -549,7 +550,9 @@ def test_atomic_dq_backward(backend, device, atomic_dq, case, dtype):
     (B, H, H_kv, L, S, D), kwargs = ATOMIC_CASES[case]
     if kwargs.get("attn_mask") == "padding":
         kwargs = {"attn_mask": _bool_mask((B, 1, 1, S), device, empty_rows=False)}
-    _check(_qkv(B, H, L, S, D, dtype, device, H_kv), dtype, **kwargs)
+    kwargs = dict(kwargs)
+    Dv = kwargs.pop("Dv", None)
+    _check(_qkv(B, H, L, S, D, dtype, device, H_kv, Dv), dtype, **kwargs)
 
 
 def test_atomic_dq_with_dropout(backend, device, atomic_dq):
