@@ -388,8 +388,8 @@ def bert_embeddings_bwd(dout, word_ids, pos_ids, type_ids, word, position, token
             HAS_W=has_w, HAS_B=has_b, DROPOUT=seed is not None and p > 0.0,
             ACC=acc_dtype(mean.dtype), BLOCK_N=BLOCK_N, num_warps=num_warps_for(BLOCK_N),
         )
-    d_ln_w, d_ln_b = (None, None) if not (has_w or has_b) else sum_partials(
-        (dw_part, ln_weight.dtype) if has_w else None, (db_part, ln_bias_dtype) if has_b else None)
+    d_ln_w, d_ln_b = sum_partials((dw_part, ln_weight.dtype) if has_w else None,
+                                  (db_part, ln_bias_dtype) if has_b else None)
 
     # One segment sum scatters ds into every table that wants a gradient, stacked row-wise: table
     # t's rows start at offset[t] of the stacked gradient, its keys are ids + offset[t].

@@ -292,17 +292,9 @@ def _norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
             ACC=acc_dtype(x.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
             num_warps=_bwd_num_warps(BLOCK_N, N),
         )
-    dw, db = _sum_dw_db(dw_part, db_part, weight.dtype if has_w else None,
-                        (weight.dtype if has_w else rstd.dtype) if has_bias else None)
+    dw, db = sum_partials((dw_part, weight.dtype) if has_w else None,
+                          (db_part, weight.dtype if has_w else rstd.dtype) if has_bias else None)
     return dx, dw, db
-
-
-def _sum_dw_db(dw_part, db_part, dw_dtype, db_dtype):
-    """(dw, db) from their partial rows in one launch; None where its dtype is None."""
-    if dw_dtype is None and db_dtype is None:
-        return None, None
-    return sum_partials(None if dw_dtype is None else (dw_part, dw_dtype),
-                        None if db_dtype is None else (db_part, db_dtype))
 
 
 def layer_norm_fwd(x, weight, bias, eps: float):
@@ -582,5 +574,6 @@ def dropout_add_layer_norm_bwd(dout, dpre, pre, weight, mean, rstd, p: float, se
             ACC=acc_dtype(pre.dtype), BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N,
             num_warps=_bwd_num_warps(BLOCK_N, N, add_norm=True),
         )
-    dw, db = _sum_dw_db(dw_part, db_part, weight.dtype if has_w else None, bias_dtype if has_bias else None)
+    dw, db = sum_partials((dw_part, weight.dtype) if has_w else None,
+                          (db_part, bias_dtype) if has_bias else None)
     return dx, dres, dw, db

@@ -255,10 +255,13 @@ def sum_partials(*parts: tuple[torch.Tensor, torch.dtype] | None) -> tuple[torch
     changes from run to run; this second small kernel adds the partial rows in a fixed order.
 
     parts: (partials, out_dtype) pairs or None; partials (G, N) float32 or float64, contiguous,
-    the same (G, N) for both. Returns, per pair, the (N,) sums in ``out_dtype`` (None for None).
+    the same (G, N) for both. Returns, per pair, the (N,) sums in ``out_dtype`` (None for None;
+    nothing is launched when every pair is None).
     """
     given = [p for p in parts if p is not None]
-    if not 1 <= len(given) <= 2:
+    if not given:
+        return tuple(None for _ in parts)
+    if len(given) > 2:
         raise ValueError(f"sum_partials takes one or two buffers, got {len(given)}")
     if len(given) == 2 and given[0][0].shape != given[1][0].shape:
         raise ValueError(f"sum_partials: buffers of shapes {tuple(given[0][0].shape)} and "

@@ -316,6 +316,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ``scale`` defaults to 1 / sqrt(D). ``dropout_p`` drops attention probabilities (seeded from
     torch's generator, so ``torch.manual_seed`` reproduces a call). ``enable_gqa``: H a multiple
     of H_kv, query head h reads key/value head h // (H // H_kv). Fully masked rows return 0.
+    The kernels' backward is deterministic unless ``FASTDL_ATTENTION_BACKWARD=atomic`` (see
+    :func:`atomic_dq`).
     """
     cast = autocast_dtype(query) if isinstance(query, torch.Tensor) else None
     if cast is not None:  # attention is on autocast's lower-precision list (CPU, CUDA)
