@@ -51,7 +51,8 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 # Kernels whose speed is memory bandwidth: at aligned widths their loads must be vectorised.
 MEMORY_BOUND = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_dropout_kernel", "_dropout_add_norm_fwd_kernel",
-                "_dropout_add_norm_bwd_kernel", "_gather_kernel", "_bert_embeddings_fwd_kernel"}
+                "_dropout_add_norm_bwd_kernel", "_gather_kernel", "_bert_embeddings_fwd_kernel",
+                "_bn_stats_kernel", "_bn_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel"}
 # Attention kernels that must run on Hopper's warpgroup MMA (fp16/bf16 and tf32 dot products).
 WGMMA = {"_attn_fwd_kernel", "_attn_bwd_kv_kernel", "_attn_bwd_q_kernel"}
 # Kernels whose streamed rows (ONE_BLOCK off) add to partial sums in global memory that the next

@@ -99,10 +99,12 @@ def dropout_launches():
 def batch_norm_launches():
     bn = kernels("batch_norm")
     for dtype in WITH_FLOAT64:
-        # (N, C, S) contiguous, channels_last, (N, C) and a huge-channel 2-D input.
-        for name, x in (("nchw", torch.randn(4, 8, 6, 6)), ("channels_last",
-                        torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)),
-                        ("nc", torch.randn(64, 256))):
+        # (N, C, S) contiguous (S a multiple of 4: r-vectors; S odd: none), channels_last (C a
+        # multiple of 16: channel vectors), (N, C).
+        for name, x in (("nchw aligned", torch.randn(4, 8, 6, 6)), ("nchw odd", torch.randn(2, 3, 7, 7)),
+                        ("channels_last", torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)),
+                        ("channels_last aligned", torch.randn(2, 64, 3, 3).to(memory_format=torch.channels_last)),
+                        ("nc aligned", torch.randn(64, 256))):
             x = x.to(dtype)
             C = x.shape[1]
             w, b = torch.randn(C), torch.randn(C)

@@ -13,7 +13,8 @@ Training forward, three launches::
                  with Chan's parallel formula  delta = mean_b - mean_a,
                  mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
     2. finalize  grid (C / BLOCK_C): merges the G partials of a channel in a fixed order (no float
-                 atomics: bitwise reproducible), var = M2 / R, rstd = 1 / sqrt(var + eps), and
+                 atomics: bitwise reproducible), BLOCK_G at a time (a block's own mean and M2
+                 exactly, then Chan's merge of the blocks), var = M2 / R, rstd = 1 / sqrt(var + eps), and
                  updates the running buffers in place:
                  running_mean = (1 - momentum) * running_mean + momentum * mean
                  running_var  = (1 - momentum) * running_var  + momentum * M2 / (R - 1)
@@ -47,43 +48,73 @@ import triton.language as tl
 
 from .utils import PER_CALL_ARGS, acc_dtype, check_grid, grid_2d, num_programs, num_warps_for, sum_partials
 
-# Elements in one [BLOCK_C, BLOCK_R] tile. Channels are the first tile dim and r the last: with r
-# offsets built by div/mod Triton cannot prove their contiguity and keeps its default (last dim
-# fastest across threads), which coalesces (N, C, S) layouts; a channels_last tensor's channel
-# stride of 1 is specialised at launch, and that proven contiguity makes channels fastest there.
+# Elements in one [BLOCK_C, BLOCK_R] tile. Channels are the first tile dim and r the last. In
+# (N, C, S) layouts r is fastest (Triton's default order, and the VEC hints of _tile_offsets make
+# it vectorise); a channels_last tensor's channel stride of 1 is specialised at launch, and that
+# proven contiguity makes channels fastest there.
 TILE_ELEMENTS = 4096
+# The finalize merges [FINALIZE_BLOCK_G, FINALIZE_BLOCK_C] tiles of per-program partials: 128
+# bytes of a partial row per load, and G / 64 dependent merge steps (an H100 has G up to 528).
+FINALIZE_BLOCK_G = 64
+FINALIZE_BLOCK_C = 32
 
 
 @triton.jit
-def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
+def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s, FLAT: tl.constexpr, VEC: tl.constexpr):
     """int64 element offsets of the [BLOCK_C, BLOCK_R] tile at reduction indices ``rows`` (r = n * S
-    + s) and channels ``cols`` of an (N, C, S) strided tensor."""
-    n = rows // S
-    s = rows - n * S
-    row_off = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
-    return cols.to(tl.int64)[:, None] * stride_c + row_off[None, :]
+    + s) and channels ``cols`` of an (N, C, S) strided tensor.
+
+    FLAT: r's offset is ``r * stride_s`` (the launcher passes r's own stride: channels_last,
+    (N, L, C)-transposed and (N, C) inputs), with no division by S. VEC > 1: r has unit stride and
+    every aligned group of VEC indices shares n, its first offset a multiple of VEC (checked by
+    ``_r_vector``); the hint lets the loads and stores move VEC elements at a time, and only the
+    first index of a group is divided by S.
+    """
+    if FLAT:
+        row_off = rows.to(tl.int64) * stride_s
+    else:
+        n = rows // S
+        s = rows - n * S
+        row_off = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
+    offs = cols.to(tl.int64)[:, None] * stride_c + row_off[None, :]
+    if VEC > 1:
+        offs = tl.max_contiguous(tl.multiple_of(offs, [1, VEC]), [1, VEC])
+    return offs
+
+
+@triton.jit
+def _rows_below(rows, end, VEC: tl.constexpr):
+    """rows < end, with end a multiple of VEC: written on rows // VEC so that the compiler sees
+    the mask constant over aligned groups of VEC rows (otherwise it would split the vectors)."""
+    if VEC > 1:
+        return rows // VEC < end // VEC
+    else:
+        return rows < end
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_stats_kernel(
     X, PART_MEAN, PART_M2,  # X: (N, C, S) strided; PART_*: (G, C) float32/64
-    C, S, R, rows_per_program, stride_n, stride_c, stride_s,
-    IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, S, R, tiles_per_program, stride_n, stride_c, stride_s,
+    FLAT: tl.constexpr, VEC: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r, pid_c = grid_2d(tl.cdiv(R, rows_per_program))
+    pid_r, pid_c = grid_2d(tl.cdiv(R, tiles_per_program * BLOCK_R))
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     pivot = tl.load(X + cols.to(tl.int64) * stride_c, mask=col_mask, other=0.0).to(ACC)
-    row0 = pid_r.to(IDX) * rows_per_program
-    num_rows = tl.minimum(rows_per_program, R - row0)
+    # Tile starts built from BLOCK_R (not from a row count) are provably multiples of VEC.
+    row0 = pid_r.to(IDX) * tiles_per_program * BLOCK_R
+    row_end = row0 + tl.minimum(tiles_per_program * BLOCK_R, R - row0)  # no int32 overflow
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for start in range(0, num_rows, BLOCK_R):
-        rows = row0 + start + tl.arange(0, BLOCK_R)
-        row_mask = rows < row0 + num_rows
+    for t in range(0, tl.cdiv(row_end - row0, BLOCK_R)):
+        rows = row0 + t * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = _rows_below(rows, row_end, VEC)
         mask = col_mask[:, None] & row_mask[None, :]
-        x = tl.load(X + _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s), mask=mask, other=0.0)
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s, FLAT, VEC), mask=mask,
+                    other=0.0)
         xs = tl.where(mask, x.to(ACC) - pivot[:, None], 0.0)
         # The tile's exact statistics, then Chan's merge into this program's running partial.
         n_b = tl.sum(row_mask.to(ACC), axis=0)
@@ -104,7 +135,7 @@ def _bn_stats_kernel(
 def _bn_finalize_kernel(
     X, PART_MEAN, PART_M2, MEAN, RSTD, RUNNING_MEAN, RUNNING_VAR,  # MEAN, RSTD: (C,) float32/64
     C, R, G, rows_per_program, last_count, stride_c, momentum: tl.float64, eps: tl.float64,
-    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     if ACC != tl.float64:  # float64 scalars: see kernels/utils.py
         momentum = tl.cast(momentum, ACC)
@@ -114,11 +145,20 @@ def _bn_finalize_kernel(
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    # Partials merged in program order: the result does not depend on scheduling.
-    for g in range(0, G):
-        n_b = tl.where(g == G - 1, last_count, rows_per_program).to(ACC)
-        mean_b = tl.load(PART_MEAN + g * C + cols, mask=col_mask, other=0.0)
-        m2_b = tl.load(PART_M2 + g * C + cols, mask=col_mask, other=0.0)
+    # BLOCK_G partials at a time: a block's own (count, mean, M2) exactly from registers, then
+    # Chan's merge of the blocks in program order -- G / BLOCK_G dependent steps instead of G,
+    # and the same result whatever the scheduling.
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        n_g = tl.where(g < G, tl.where(g == G - 1, last_count, rows_per_program), 0).to(ACC)
+        mask = (g < G)[:, None] & col_mask[None, :]
+        part = g.to(tl.int64)[:, None] * C + cols[None, :]
+        mean_g = tl.load(PART_MEAN + part, mask=mask, other=0.0)
+        m2_g = tl.load(PART_M2 + part, mask=mask, other=0.0)
+        n_b = tl.sum(n_g, axis=0)
+        mean_b = tl.sum(n_g[:, None] * mean_g, axis=0) / n_b
+        d = mean_g - mean_b[None, :]
+        m2_b = tl.sum(m2_g + n_g[:, None] * d * d, axis=0)
         total = count + n_b
         delta = mean_b - mean
         mean += delta * (n_b / total)
@@ -156,14 +196,14 @@ def _bn_running_stats_kernel(
 def _bn_apply_kernel(
     X, Y, MEAN, RSTD, W, B,  # X, Y: (N, C, S) strided; MEAN, RSTD, W, B: (C,)
     C, S, R, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    SHIFTED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    SHIFTED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr,
     IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_r, pid_c = grid_2d(tl.cdiv(R, BLOCK_R))
     rows = pid_r.to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = col_mask[:, None] & (rows < R)[None, :]
+    mask = col_mask[:, None] & _rows_below(rows, R, VEC)[None, :]
     mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
     if SHIFTED:
         pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
@@ -172,21 +212,22 @@ def _bn_apply_kernel(
     scale = tl.load(RSTD + cols, mask=col_mask, other=0.0)
     if HAS_W:
         scale = scale * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
-    x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
+    x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs, FLAT, VEC), mask=mask,
+                other=0.0)
     y = ((x.to(ACC) - pivot[:, None]) - mean[:, None]) * scale[:, None]
     if HAS_B:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[:, None]
-    tl.store(Y + _tile_offsets(rows, cols, S, stride_yn, stride_yc, stride_ys), y, mask=mask)
+    tl.store(Y + _tile_offsets(rows, cols, S, stride_yn, stride_yc, stride_ys, FLAT, VEC), y, mask=mask)
 
 
 @triton.jit(do_not_specialize=PER_CALL_ARGS)
 def _bn_bwd_reduce_kernel(
     X, DY, MEAN, RSTD, PART_DY, PART_DYXHAT,  # PART_*: (G, C) float32/64
-    C, S, R, rows_per_program, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
-    SHIFTED: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
+    C, S, R, tiles_per_program, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
+    SHIFTED: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr, IDX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r, pid_c = grid_2d(tl.cdiv(R, rows_per_program))
+    pid_r, pid_c = grid_2d(tl.cdiv(R, tiles_per_program * BLOCK_R))
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
@@ -195,15 +236,16 @@ def _bn_bwd_reduce_kernel(
     else:
         pivot = tl.zeros([BLOCK_C], dtype=ACC)
     rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
-    row0 = pid_r.to(IDX) * rows_per_program
-    num_rows = tl.minimum(rows_per_program, R - row0)
+    row0 = pid_r.to(IDX) * tiles_per_program * BLOCK_R
+    row_end = row0 + tl.minimum(tiles_per_program * BLOCK_R, R - row0)  # no int32 overflow
     sum_dy = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     sum_dyxc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
-    for start in range(0, num_rows, BLOCK_R):
-        rows = row0 + start + tl.arange(0, BLOCK_R)
-        mask = col_mask[:, None] & (rows < row0 + num_rows)[None, :]
-        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
-        dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds), mask=mask,
+    for t in range(0, tl.cdiv(row_end - row0, BLOCK_R)):
+        rows = row0 + t * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = col_mask[:, None] & _rows_below(rows, row_end, VEC)[None, :]
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs, FLAT, VEC), mask=mask,
+                    other=0.0)
+        dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds, FLAT, VEC), mask=mask,
                      other=0.0).to(ACC)
         xc = tl.where(mask, (x.to(ACC) - pivot[:, None]) - mean[:, None], 0.0)
         sum_dy += dy
@@ -218,31 +260,32 @@ def _bn_bwd_dx_kernel(
     X, DY, DX, MEAN, RSTD, W, SUM_DY, SUM_DYXHAT,  # SUM_*: (C,) float32/64 (training only)
     C, S, R, stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
     stride_gn, stride_gc, stride_gs,
-    TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_W: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr,
     IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_r, pid_c = grid_2d(tl.cdiv(R, BLOCK_R))
     rows = pid_r.to(IDX) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = col_mask[:, None] & (rows < R)[None, :]
+    mask = col_mask[:, None] & _rows_below(rows, R, VEC)[None, :]
     rstd = tl.load(RSTD + cols, mask=col_mask, other=0.0)
     scale = rstd
     if HAS_W:
         scale = scale * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
-    dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds), mask=mask,
+    dy = tl.load(DY + _tile_offsets(rows, cols, S, stride_dn, stride_dc, stride_ds, FLAT, VEC), mask=mask,
                  other=0.0).to(ACC)
     if TRAINING:
         mean = tl.load(MEAN + cols, mask=col_mask, other=0.0)
         pivot = tl.load(X + cols.to(tl.int64) * stride_xc, mask=col_mask, other=0.0).to(ACC)
         mean_dy = tl.load(SUM_DY + cols, mask=col_mask, other=0.0) / R
         mean_dyxhat = tl.load(SUM_DYXHAT + cols, mask=col_mask, other=0.0) / R
-        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0)
+        x = tl.load(X + _tile_offsets(rows, cols, S, stride_xn, stride_xc, stride_xs, FLAT, VEC), mask=mask,
+                other=0.0)
         xhat = ((x.to(ACC) - pivot[:, None]) - mean[:, None]) * rstd[:, None]
         dx = (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None]) * scale[:, None]
     else:
         dx = dy * scale[:, None]
-    tl.store(DX + _tile_offsets(rows, cols, S, stride_gn, stride_gc, stride_gs), dx, mask=mask)
+    tl.store(DX + _tile_offsets(rows, cols, S, stride_gn, stride_gc, stride_gs, FLAT, VEC), dx, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +335,43 @@ def _split(x3: torch.Tensor, block_r: int, block_c: int) -> tuple[int, int]:
     return triton.cdiv(R, rows_per_program), rows_per_program
 
 
+def _row_stride(t3: torch.Tensor) -> int | None:
+    """The stride of r = n * S + s in an (N, C, S) tensor when one stride describes it (S or N of
+    1, or n's stride S times s's: channels_last, (N, L, C)-transposed, (N, C)), else None."""
+    N, _, S = t3.shape
+    stride_n, _, stride_s = t3.stride()
+    if S == 1:
+        return stride_n
+    if N == 1 or stride_n == S * stride_s:
+        return stride_s
+    return None
+
+
+def _rows_layout(*tensors: torch.Tensor) -> tuple[bool, int, list[tuple[int, int, int]]]:
+    """How one launch indexes r in ``tensors`` (N, C, S), the same shape: (FLAT, VEC, strides).
+
+    FLAT when every tensor has a single r stride (passed as the third stride): no division by S.
+    VEC, the r-vector width (a power of two up to 16 bytes), when every tensor has unit r stride,
+    N * S is a multiple of VEC and, unless flat, so is S and n's and c's strides (for flat ones,
+    c's): each aligned group of VEC rows is then VEC contiguous elements starting at a multiple of
+    VEC. The launch's tiles and bounds start on multiples of VEC, so the kernels' hints hold.
+    """
+    N, _, S = tensors[0].shape
+    row_strides = [_row_stride(t) for t in tensors]
+    flat = all(r is not None for r in row_strides)
+    strides = [(t.stride(0), t.stride(1), r if flat else t.stride(2)) for t, r in zip(tensors, row_strides)]
+    vec = 16 // tensors[0].element_size()
+    while vec > 1:
+        def aligned(stride_n, stride_c, stride_r):
+            if stride_r != 1 or (N * S) % vec or stride_c % vec:
+                return False
+            return flat or (S % vec == 0 and stride_n % vec == 0)
+        if all(aligned(*st) for st in strides):
+            break
+        vec //= 2
+    return flat, vec, strides
+
+
 def _index_dtype(R: int, block_r: int):
     return tl.int64 if R + block_r >= 2**31 else tl.int32
 
@@ -331,9 +411,10 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
         G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
         part_mean = torch.empty((G, C), dtype=stats, device=x.device)
         part_m2 = torch.empty((G, C), dtype=stats, device=x.device)
+        flat, vec, (x_strides,) = _rows_layout(x3)
         _bn_stats_kernel[check_grid((G * c_blocks,), "batch_norm")](
-            x3, part_mean, part_m2, C, S, R, rows_per_program, *x3.stride(),
-            IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            x3, part_mean, part_m2, C, S, R, rows_per_program // BLOCK_R, *x_strides,
+            FLAT=flat, VEC=vec, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
             # 16 warps for a full tile: its three running per-channel statistics and the pivot,
             # on top of the tile, spilled at 8 (fp16, 64 x 64 channels-last tiles, sm_90a).
             num_warps=16 if BLOCK_R * BLOCK_C >= TILE_ELEMENTS else num_warps_for(BLOCK_R * BLOCK_C))
@@ -341,11 +422,12 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
         # Running buffers are updated through contiguous storage; copied back if they were views.
         rm = running_mean.contiguous() if update else mean
         rv = running_var.contiguous() if update else rstd
-        FIN_C = 128
-        _bn_finalize_kernel[check_grid((triton.cdiv(C, FIN_C),), "batch_norm")](
+        fin_c = min(FINALIZE_BLOCK_C, max(2, triton.next_power_of_2(C)))
+        _bn_finalize_kernel[check_grid((triton.cdiv(C, fin_c),), "batch_norm")](
             x3, part_mean, part_m2, mean, rstd, rm, rv,
             C, R, G, rows_per_program, R - (G - 1) * rows_per_program, x3.stride(1),
-            float(momentum), float(eps), UPDATE_RUNNING=update, ACC=ACC, BLOCK_C=FIN_C)
+            float(momentum), float(eps), UPDATE_RUNNING=update, ACC=ACC,
+            BLOCK_G=FINALIZE_BLOCK_G, BLOCK_C=fin_c)
         if update and rm.data_ptr() != running_mean.data_ptr():
             running_mean.copy_(rm)
         if update and rv.data_ptr() != running_var.data_ptr():
@@ -355,10 +437,11 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, m
         _bn_running_stats_kernel[check_grid((triton.cdiv(C, FIN_C),), "batch_norm")](
             running_mean.contiguous(), running_var.contiguous(), mean, rstd, C, float(eps),
             ACC=ACC, BLOCK_C=FIN_C)
+    flat, vec, (x_strides, y_strides) = _rows_layout(x3, y3)
     _bn_apply_kernel[check_grid((triton.cdiv(R, BLOCK_R) * c_blocks,), "batch_norm")](
         x3, y3, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
-        C, S, R, *x3.stride(), *y3.stride(),
-        SHIFTED=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        C, S, R, *x_strides, *y_strides,
+        SHIFTED=training, HAS_W=weight is not None, HAS_B=bias is not None, FLAT=flat, VEC=vec,
         IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
         num_warps=num_warps_for(BLOCK_R * BLOCK_C))
     return y, mean, rstd
@@ -394,14 +477,17 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training: bool, need_param_grads: 
         G, rows_per_program = _split(x3, BLOCK_R, BLOCK_C)
         part_dy = torch.empty((G, C), dtype=mean.dtype, device=x.device)
         part_dyxhat = torch.empty((G, C), dtype=mean.dtype, device=x.device)
+        flat, vec, strides = _rows_layout(x3, dy3)
         _bn_bwd_reduce_kernel[check_grid((G * c_blocks,), "batch_norm")](
-            x3, dy3, mean, rstd, part_dy, part_dyxhat, C, S, R, rows_per_program,
-            *x3.stride(), *dy3.stride(),
-            SHIFTED=training, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+            x3, dy3, mean, rstd, part_dy, part_dyxhat, C, S, R, rows_per_program // BLOCK_R,
+            *strides[0], *strides[1], SHIFTED=training, FLAT=flat, VEC=vec, IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
         sum_dy, sum_dyxhat = sum_partials((part_dy, mean.dtype), (part_dyxhat, mean.dtype))
+    # x is read in training only: evaluation's layout is dy's and dx's.
+    flat, vec, strides = _rows_layout(dy3, dx3, *((x3,) if training else ()))
+    (dy_strides, dx_strides), x_strides = strides[:2], (strides[2] if training else x3.stride())
     _bn_bwd_dx_kernel[check_grid((triton.cdiv(R, BLOCK_R) * c_blocks,), "batch_norm")](
         x3, dy3, dx3, mean, rstd, weight if weight is not None else mean, sum_dy, sum_dyxhat,
-        C, S, R, *x3.stride(), *dy3.stride(), *dx3.stride(),
-        TRAINING=training, HAS_W=weight is not None,
+        C, S, R, *x_strides, *dy_strides, *dx_strides,
+        TRAINING=training, HAS_W=weight is not None, FLAT=flat, VEC=vec,
         IDX=IDX, ACC=ACC, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
     return (dx, sum_dyxhat, sum_dy) if need_param_grads else (dx, None, None)

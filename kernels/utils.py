@@ -21,7 +21,7 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1
 # variant whenever one of them happens to be 1 or a multiple of 16. (Row widths N and element
 # counts that bound a masked load, like numel, stay specialised: their divisibility by 16 is what
 # lets masked loads be vectorised.) Names a kernel lacks are ignored; attention adds L and S.
-PER_CALL_ARGS = ["seed", "M", "R", "G", "rows_per_program", "last_count"]
+PER_CALL_ARGS = ["seed", "M", "R", "G", "rows_per_program", "tiles_per_program", "last_count"]
 
 # Float scalar arguments (eps, momentum, the dropout scale) are annotated ``tl.float64``: Triton
 # passes an unannotated Python float as float32, which would round them in a float64 kernel. Each

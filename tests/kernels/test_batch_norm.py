@@ -321,3 +321,52 @@ def test_strided_and_expanded_parameters(backend, device, training):
         for name, got, want in zip(("x", "weight"), torch.autograd.grad(y, (x, w_base), g),
                                    torch.autograd.grad(ref, (x, w_base), g.double())):
             assert_close(f"grad {name}", got, want)
+
+
+def _nchw(*shape, dtype=torch.float32):
+    return torch.randn(shape).to(dtype)
+
+
+# (tensors of one launch, expected FLAT, expected VEC): the r-vector width is a promise to the
+# compiler (the interpreter ignores it), so it is checked here element by element.
+LAYOUTS = [
+    ((_nchw(2, 3, 6, 6),), False, 4),                                  # S = 36: 16-byte fp32 vectors
+    ((_nchw(2, 3, 8, 8, dtype=torch.float16),), False, 8),             # fp16: 8 per vector
+    ((_nchw(2, 3, 14, 14, dtype=torch.bfloat16),), False, 4),          # S = 196: 4 divides it, 8 not
+    ((_nchw(2, 3, 7, 7),), False, 1),                                  # S odd
+    ((_nchw(1, 3, 8, 8),), True, 4),                                   # one sample: r is s
+    ((_nchw(2, 16, 4, 4).to(memory_format=torch.channels_last),), True, 1),   # channels fastest
+    ((_nchw(8, 16),), True, 1),                                        # (N, C)
+    ((torch.randn(4, 9, 5).transpose(1, 2),), True, 1),                # (N, L, C) as (N, C, L)
+    ((_nchw(2, 6, 8, 8)[:, ::2],), False, 4),                          # every other channel
+    ((_nchw(2, 3, 8, 8)[:, 1:],), False, 4),                           # a storage offset
+    ((_nchw(2, 3, 8, 8)[:, :, 1:],), False, 4),                        # H sliced: S = 56, merged
+    ((_nchw(2, 3, 10, 10)[:, :, 1:],), False, 2),                      # S = 90
+    ((_nchw(2, 3, 6, 6), _nchw(2, 3, 6, 6).to(memory_format=torch.channels_last)), False, 1),
+    ((_nchw(2, 3, 6, 6), _nchw(2, 3, 6, 6).transpose(0, 1).contiguous().transpose(0, 1)), False, 4),
+    ((_nchw(2, 3, 6, 6), torch.randn(1, 3, 1, 1).expand(2, 3, 6, 6)), False, 1),  # a broadcast dy
+    ((torch.randn(1, 3, 1, 1).expand(2, 3, 6, 6),), True, 1),
+]
+
+
+@pytest.mark.parametrize("tensors, flat, vec", LAYOUTS, ids=range(len(LAYOUTS)))
+def test_rows_layout(tensors, flat, vec):
+    """batch_norm's r indexing (kernels/batch_norm.py ``_rows_layout``): the strides it passes give
+    every element's true offset, with or without the division by S, and where it promises VEC-wide
+    r vectors, every aligned group of VEC rows is VEC contiguous elements starting at a multiple
+    of VEC (the alignment the kernels' hints tell the compiler)."""
+    bn = pytest.importorskip("fastdl.kernels.batch_norm")
+    t3s = [bn._as_3d(t) for t in tensors]
+    assert (bn._rows_layout(*t3s)[:2]) == (flat, vec)
+    N, C, S = t3s[0].shape
+    n, c, s = torch.meshgrid(torch.arange(N), torch.arange(C), torch.arange(S), indexing="ij")
+    r = n * S + s
+    for t3, (stride_n, stride_c, stride_r) in zip(t3s, bn._rows_layout(*t3s)[2]):
+        true = n * t3.stride(0) + c * t3.stride(1) + s * t3.stride(2)
+        offs = r * stride_r + c * stride_c if flat else n * stride_n + s * stride_r + c * stride_c
+        assert torch.equal(offs, true)
+        if vec > 1:
+            assert (N * S) % vec == 0
+            by_r = offs.permute(1, 0, 2).reshape(C, N * S // vec, vec)  # [c, group, lane]
+            assert torch.equal(by_r - by_r[..., :1], torch.arange(vec).expand_as(by_r))
+            assert (by_r[..., 0] % vec == 0).all()

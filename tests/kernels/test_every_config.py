@@ -299,13 +299,34 @@ def test_partial_rows_from_unwritten_buffers(kernels, constants, monkeypatch, N)
                  leaves((50, N), (19, N), (2, N), N, N), rtol=1e-5, grad_rtol=1e-5)
 
 
-def test_batch_norm_program_split(kernels, constants):
+# (N, C, S) [, layout]: a few tiles; with a GPU's program count, 66 programs per channel block (two
+# finalize blocks of 64 partials, the last program 4 rows) with S a multiple of 4 (r vectors) and
+# odd; channels_last (one r stride: no division by S), 130 programs; the same with its H sliced
+# (channels fastest, n's stride not S times s's).
+@pytest.mark.parametrize("shape", [(37, 5, 29), (129, 5, 516), (129, 5, 517), (65, 5, 1024, "cl"),
+                                   (65, 5, 1024, "cl sliced")],
+                         ids=["few", "vec", "odd", "channels_last", "strided"])
+def test_batch_norm_program_split(kernels, constants, shape):
     """Training batch norm: per-program partial statistics merged in order, for either split."""
-    x = (torch.randn(37, 5, 29) * 2 + 4).requires_grad_()
+    x = torch.randn(shape[:3]) * 2 + 4
+    if shape[3:]:
+        x = x.view(*shape[:2], 32, 32).to(memory_format=torch.channels_last)
+        x = x[..., :31, :] if "sliced" in shape[3] else x
+    x.requires_grad_()
     w, b = torch.randn(5).requires_grad_(), torch.randn(5).requires_grad_()
-    check_op(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
-             lambda x, w, b: TF.batch_norm(x, None, None, w, b, training=True), [x, w, b],
-             rtol=1e-5, grad_rtol=1e-5)
+    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    def buffers(dtype):
+        return rm.clone().to(dtype), rv.clone().to(dtype)
+
+    check_op(lambda x, w, b: F.batch_norm(x, *buffers(x.dtype), w, b, training=True),
+             lambda x, w, b: TF.batch_norm(x, *buffers(x.dtype), w, b, training=True),
+             [x, w, b], rtol=1e-5, grad_rtol=1e-5)
+    # The running buffers take the merged statistics (float64 reference, unbiased variance).
+    m, v = rm.clone(), rv.clone()
+    F.batch_norm(x.detach(), m, v, w, b, training=True)
+    xd = x.detach().double().transpose(0, 1).reshape(5, -1)
+    assert_close("running_mean", m.double(), 0.9 * rm.double() + 0.1 * xd.mean(1), rtol=1e-5)
+    assert_close("running_var", v.double(), 0.9 * rv.double() + 0.1 * xd.var(1), rtol=1e-5)
 
 
 def test_dropout_blocks(kernels, constants):
